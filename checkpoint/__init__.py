@@ -1,0 +1,1 @@
+"""HF <-> MindSpeed-MM (Megatron layout) weight conversion."""

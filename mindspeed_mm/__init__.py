@@ -1,0 +1,1 @@
+"""MindSpeed-MM: Qwen2-VL fine-tuning on megatron-core."""
