@@ -1,0 +1,166 @@
+"""data.json: the guide's keys as typed, validated dataclasses.
+
+Every user mistake (unknown key, wrong type, bad value) raises `DataConfigError` whose
+message is one line naming the key path, e.g. `dataset_param.basic_parameters.cutoff_len`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from mindspeed_mm.data.jsonio import load_json
+
+
+class DataConfigError(ValueError):
+    """A mistake in data.json; str() is a one-line message naming the key."""
+
+
+@dataclass
+class PreprocessParameters:
+    model_name_or_path: str
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+
+
+@dataclass
+class BasicParameters:
+    dataset: str
+    cache_dir: str
+    template: str = "qwen2vl"
+    dataset_dir: str = "."
+    cutoff_len: int = 2048
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    overwrite_cache: bool = False
+    preprocessing_num_workers: int = 1
+    max_samples: typing.Optional[int] = None
+
+    def dataset_files(self) -> list[str]:
+        """The comma-separated `dataset` entries; relative ones resolved by the caller."""
+        return [p.strip() for p in self.dataset.split(",") if p.strip()]
+
+
+@dataclass
+class Attr:
+    images: str = "images"
+    messages: str = "messages"
+    role_tag: str = "role"
+    content_tag: str = "content"
+    user_tag: str = "user"
+    assistant_tag: str = "assistant"
+    system_tag: typing.Optional[str] = "system"
+
+
+@dataclass
+class CollateParam:
+    model_name: str = "qwen2vl"
+    ignore_pad_token_for_loss: bool = True
+    pad_to_multiple_of: int = 1
+
+
+@dataclass
+class DataloaderParam:
+    batch_size: int = 1
+    num_workers: int = 2
+    shuffle: bool = True
+    drop_last: bool = True
+    pin_memory: bool = True
+    collate_param: CollateParam = field(default_factory=CollateParam)
+
+
+@dataclass
+class DatasetParam:
+    preprocess_parameters: PreprocessParameters
+    basic_parameters: BasicParameters
+    dataset_type: str = "huggingface"
+    attr: Attr = field(default_factory=Attr)
+
+
+@dataclass
+class DataConfig:
+    dataset_param: DatasetParam
+    dataloader_param: DataloaderParam = field(default_factory=DataloaderParam)
+
+    def validate(self) -> "DataConfig":
+        def bad(key, msg):
+            raise DataConfigError(f"{key}: {msg}")
+
+        dp, bp = self.dataset_param, self.dataset_param.basic_parameters
+        pp, dl = dp.preprocess_parameters, self.dataloader_param
+        if dp.dataset_type != "huggingface":
+            bad("dataset_param.dataset_type", f"only 'huggingface' is supported, got {dp.dataset_type!r}")
+        if bp.template != "qwen2vl":
+            bad("dataset_param.basic_parameters.template", f"only 'qwen2vl' is supported, got {bp.template!r}")
+        if not bp.dataset_files():
+            bad("dataset_param.basic_parameters.dataset", "names no file")
+        for key, value, low in (
+            ("basic_parameters.cutoff_len", bp.cutoff_len, 1),
+            ("basic_parameters.preprocessing_num_workers", bp.preprocessing_num_workers, 1),
+            ("basic_parameters.max_samples", bp.max_samples, 1),
+            ("preprocess_parameters.min_pixels", pp.min_pixels, 1),
+            ("preprocess_parameters.max_pixels", pp.max_pixels, 1),
+        ):
+            if value is not None and value < low:
+                bad(f"dataset_param.{key}", f"must be >= {low}, got {value}")
+        if pp.min_pixels > pp.max_pixels:
+            bad("dataset_param.preprocess_parameters.min_pixels", "must not exceed max_pixels")
+        for key, value, low in (("batch_size", dl.batch_size, 1), ("num_workers", dl.num_workers, 0),
+                                ("collate_param.pad_to_multiple_of", dl.collate_param.pad_to_multiple_of, 1)):
+            if value < low:
+                bad(f"dataloader_param.{key}", f"must be >= {low}, got {value}")
+        if dl.collate_param.model_name != "qwen2vl":
+            bad("dataloader_param.collate_param.model_name", f"only 'qwen2vl' is supported")
+        return self
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    """Check `value` against annotation `tp` (a dataclass, Optional[x], int, str, bool)."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    # bool is an int subclass in Python; a JSON `true` is not a valid integer here.
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        raise DataConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise DataConfigError(f"{prefix}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise DataConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(fields)})".lstrip("."))
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}".lstrip(".")
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise DataConfigError(f"{key}: required key is missing")
+    return cls(**kwargs)
+
+
+def data_config_from_dict(data: dict) -> DataConfig:
+    return _build(DataConfig, data, "").validate()
+
+
+def load_data_config(path: str) -> DataConfig:
+    """Read and validate data.json; errors name the file and the key."""
+    data = load_json(path)
+    try:
+        return data_config_from_dict(data)
+    except DataConfigError as e:
+        raise DataConfigError(f"{path}: {e}") from None
