@@ -11,9 +11,10 @@ import typing
 from dataclasses import dataclass, field
 
 from mindspeed_mm.data.jsonio import load_json
+from mindspeed_mm.errors import UserError
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """A mistake in data.json; str() is a one-line message naming the key."""
 
 

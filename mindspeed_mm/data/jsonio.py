@@ -6,8 +6,10 @@ import json
 import os
 import tempfile
 
+from mindspeed_mm.errors import UserError
 
-class DataFileError(ValueError):
+
+class DataFileError(UserError, ValueError):
     """An unreadable or malformed input file; str() is one line naming the file."""
 
 

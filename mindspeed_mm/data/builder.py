@@ -1,0 +1,112 @@
+"""data.json -> training dataset and data loader (the entry points the training loop uses)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mindspeed_mm.data.cache import CachedSamples, cache_key, get_or_build
+from mindspeed_mm.data.collate import Qwen2VLCollator
+from mindspeed_mm.data.config import DataConfig
+from mindspeed_mm.data.dataset import Qwen2VLDataset
+from mindspeed_mm.data.jsonio import DataFileError, load_json
+from mindspeed_mm.data.positions import VisionTokenIds
+from mindspeed_mm.data.preprocess import PreprocessSettings, load_processors, preprocess_records
+from mindspeed_mm.data.sampler import ResumableBatchSampler
+from mindspeed_mm.errors import UserError
+
+
+class NoUsableSamplesError(UserError):
+    """Every sample was dropped."""
+
+
+def settings_from_config(config: DataConfig) -> PreprocessSettings:
+    pp, bp = config.dataset_param.preprocess_parameters, config.dataset_param.basic_parameters
+    return PreprocessSettings(
+        model_name_or_path=pp.model_name_or_path, min_pixels=pp.min_pixels, max_pixels=pp.max_pixels,
+        cutoff_len=bp.cutoff_len, train_on_prompt=bp.train_on_prompt, mask_history=bp.mask_history,
+        attr=config.dataset_param.attr, media_dir=bp.dataset_dir)
+
+
+def dataset_files(config: DataConfig) -> list[str]:
+    """`dataset` entries as given if they exist (the guide writes './data/x.json'), else
+    under `dataset_dir`."""
+    bp = config.dataset_param.basic_parameters
+    files = []
+    for name in bp.dataset_files():
+        path = name if os.path.isabs(name) or os.path.isfile(name) else os.path.join(bp.dataset_dir, name)
+        if not os.path.isfile(path):
+            raise DataFileError(f"dataset_param.basic_parameters.dataset: file {name!r} not found "
+                                f"(also looked in dataset_dir {bp.dataset_dir!r})")
+        files.append(path)
+    return files
+
+
+def read_records(files: list[str], max_samples: int | None) -> list[tuple[str, object]]:
+    """(where, record) pairs, `where` = 'file[index] id=...' for drop reports."""
+    items = []
+    for path in files:
+        records = load_json(path)
+        if not isinstance(records, list):
+            raise DataFileError(f"{path}: top level must be a JSON list of records")
+        for i, rec in enumerate(records[:max_samples]):
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            items.append((f"{path}[{i}]" + (f" id={rid}" if rid is not None else ""), rec))
+    return items
+
+
+def summary_lines(cache: CachedSamples) -> list[str]:
+    meta = cache.meta
+    dropped = sum(meta["drop_counts"].values())
+    head = f"data: {meta['num_samples']} usable samples of {meta['num_samples'] + dropped}, dropped {dropped}"
+    return [head] + [f"data:   {line}" for line in meta["drop_lines"]]
+
+
+def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None, progress: bool = True,
+                               log=print):
+    """Preprocess (or reuse the cache) and return (train_dataset, None): the guide has no
+    validation split. Prints the usable/dropped summary; raises NoUsableSamplesError when
+    nothing is left. With several ranks per node only local rank 0 builds the cache."""
+    bp = config.dataset_param.basic_parameters
+    settings = settings_from_config(config)
+    files = dataset_files(config)
+    path = os.path.join(bp.cache_dir, f"qwen2vl-{cache_key(files, settings, bp.max_samples)}")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    processors = load_processors(settings)
+
+    def build():
+        samples, report = preprocess_records(read_records(files, bp.max_samples), settings,
+                                             bp.preprocessing_num_workers, progress=progress)
+        return samples, {"drop_counts": dict(report.counts), "drop_lines": report.lines(), "files": files}
+
+    cache = get_or_build(path, build, is_builder=local_rank == 0, overwrite=bp.overwrite_cache, log=log)
+    for line in summary_lines(cache):
+        log(line)
+    if len(cache) == 0:
+        raise NoUsableSamplesError(f"no usable training sample in {', '.join(files)}: every sample was "
+                                   f"dropped ({cache.meta['drop_counts']}); see the reasons above")
+    tokenizer, image_processor = processors
+    ids = VisionTokenIds.from_processors(tokenizer, image_processor)
+    return Qwen2VLDataset(cache, image_processor, ids, tokenizer.pad_token_id), None
+
+
+def build_dataloader(dataset: Qwen2VLDataset, config: DataConfig, consumed_samples: int = 0,
+                     seed: int = 1234, dp_rank: int = 0, dp_size: int = 1,
+                     pad_to_multiple_of: int | None = None, pin_memory: bool | None = None):
+    """An endless DataLoader of collated micro-batches for this data-parallel rank, resuming
+    after `consumed_samples` global samples. `pad_to_multiple_of` (e.g. the tensor-parallel
+    size under sequence parallelism) overrides collate_param.pad_to_multiple_of."""
+    dl = config.dataloader_param
+    sampler = ResumableBatchSampler(len(dataset), dl.batch_size, dp_rank, dp_size, consumed_samples,
+                                    dl.shuffle, seed, dl.drop_last)
+    collate = Qwen2VLCollator(dataset.pad_token_id, pad_to_multiple_of or dl.collate_param.pad_to_multiple_of,
+                              dl.collate_param.ignore_pad_token_for_loss)
+    if pin_memory is None:
+        from mindspeed_mm.platform import current_platform
+
+        pin_memory = dl.pin_memory and not current_platform().is_cpu
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=dl.num_workers, pin_memory=pin_memory,
+                                       persistent_workers=dl.num_workers > 0)

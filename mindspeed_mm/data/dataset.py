@@ -1,0 +1,59 @@
+"""Training dataset over a preprocessing cache: tokens from the cache, pixels on the fly."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from mindspeed_mm.data.cache import CachedSamples
+from mindspeed_mm.data.formats import DropSample
+from mindspeed_mm.data.images import load_pixels
+from mindspeed_mm.data.positions import VisionTokenIds, sample_position_ids
+
+logger = logging.getLogger(__name__)
+
+
+class Qwen2VLDataset(torch.utils.data.Dataset):
+    """Item i: input_ids, labels, position_ids [3, s], mm_token_type_ids, and pixel_values /
+    image_grid_thw (None for a text-only sample)."""
+
+    def __init__(self, cache: CachedSamples, image_processor, ids: VisionTokenIds, pad_token_id: int):
+        self.cache, self.image_processor, self.ids = cache, image_processor, ids
+        self.pad_token_id = pad_token_id
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def _item(self, i: int) -> dict:
+        input_ids, labels, images, grid = self.cache.sample(i)
+        pixel_values = image_grid_thw = None
+        if images:
+            pixels, hf_grid = load_pixels(images, self.image_processor)
+            if not np.array_equal(hf_grid, grid):
+                raise DropSample("corrupt_image", f"{images}: image changed on disk since preprocessing")
+            pixel_values, image_grid_thw = torch.from_numpy(pixels), torch.from_numpy(grid.astype(np.int64))
+        ids = torch.from_numpy(input_ids.astype(np.int64))
+        return {
+            "input_ids": ids,
+            "labels": torch.from_numpy(labels.astype(np.int64)),
+            "position_ids": sample_position_ids(input_ids, grid, self.ids),
+            "mm_token_type_ids": (ids == self.ids.image_token_id).long(),
+            "pixel_values": pixel_values,
+            "image_grid_thw": image_grid_thw,
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        # An image checked at preprocessing can still vanish or change later; training
+        # goes on with the next sample rather than dying hours into a run.
+        for k in range(min(len(self), 16)):
+            try:
+                return self._item((i + k) % len(self))
+            except DropSample as d:
+                if not self._warned:
+                    logger.warning("data: sample %d unusable at load time (%s: %s); using the next one "
+                                   "(further cases not reported)", i + k, d.reason, d)
+                    self._warned = True
+        raise RuntimeError(f"data: 16 consecutive samples from {i} failed to load; are the images gone?")

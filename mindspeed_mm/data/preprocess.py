@@ -1,0 +1,142 @@
+"""Records -> token ids, labels and image grids, in worker processes, dropping bad samples."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mindspeed_mm.data.config import Attr
+from mindspeed_mm.data.formats import DROP_REASONS, DropSample, parse_record
+from mindspeed_mm.data.images import check_images
+from mindspeed_mm.data.template import IGNORE_INDEX, Encoded, Qwen2VLTemplate
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Everything that changes the preprocessed result (and so the cache key)."""
+    model_name_or_path: str
+    min_pixels: int
+    max_pixels: int
+    cutoff_len: int
+    train_on_prompt: bool
+    mask_history: bool
+    attr: Attr
+    media_dir: str
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray          # int32 [s]
+    labels: np.ndarray             # int32 [s]
+    images: list[str]
+    image_grid_thw: np.ndarray     # int32 [n_images, 3]
+
+
+@dataclass
+class DropReport:
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)  # reason -> "where: detail"
+
+    def add(self, reason: str, where: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, f"{where}: {detail}")
+
+    def lines(self) -> list[str]:
+        return [f"dropped {self.counts[r]} ({r}), e.g. {self.examples[r]}"
+                for r in DROP_REASONS if self.counts[r]]
+
+
+def load_processors(settings: PreprocessSettings):
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_name_or_path)
+    image_processor = Qwen2VLImageProcessor.from_pretrained(
+        settings.model_name_or_path, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+    return tokenizer, image_processor
+
+
+def truncate(enc: Encoded, cutoff_len: int, vision_token_ids: np.ndarray) -> Encoded:
+    """Keep the first `cutoff_len` tokens if no image token is cut and a target remains."""
+    if len(enc.input_ids) <= cutoff_len:
+        return enc
+    tail_has_vision = np.isin(enc.input_ids[cutoff_len:], vision_token_ids).any()
+    if tail_has_vision:
+        raise DropSample("too_long", f"{len(enc.input_ids)} tokens > cutoff_len {cutoff_len} and the cut "
+                         "would split or remove an image")
+    kept = Encoded(enc.input_ids[:cutoff_len], enc.labels[:cutoff_len])
+    if not (kept.labels != IGNORE_INDEX).any():
+        raise DropSample("too_long", f"{len(enc.input_ids)} tokens > cutoff_len {cutoff_len} and no "
+                         "supervised token is left")
+    return kept
+
+
+class Preprocessor:
+    """One record at a time; built once per worker process."""
+
+    def __init__(self, settings: PreprocessSettings, processors=None):
+        self.settings = settings
+        tokenizer, self.image_processor = processors or load_processors(settings)
+        self.template = Qwen2VLTemplate(tokenizer, settings.train_on_prompt, settings.mask_history)
+        self.merge = self.image_processor.merge_size
+
+    def __call__(self, record) -> Sample:
+        conv = parse_record(record, self.settings.attr, self.settings.media_dir)
+        grids = check_images(conv.images, self.image_processor)
+        counts = [t * h * w // self.merge ** 2 for t, h, w in grids]
+        enc = truncate(self.template.encode(conv, counts), self.settings.cutoff_len,
+                       self.template.vision_token_ids)
+        return Sample(enc.input_ids, enc.labels, conv.images,
+                      np.asarray(grids, dtype=np.int32).reshape(-1, 3))
+
+
+_worker: Preprocessor | None = None
+
+
+def _init_worker(settings: PreprocessSettings) -> None:
+    global _worker
+    _worker = Preprocessor(settings)
+
+
+def _run_chunk(chunk):
+    out = []
+    for where, record in chunk:
+        try:
+            out.append(_worker(record))
+        except DropSample as d:
+            out.append((where, d.reason, str(d)))
+    return out
+
+
+def preprocess_records(items, settings: PreprocessSettings, num_workers: int = 1,
+                       progress: bool = True, chunk_size: int = 64):
+    """`items` is a list of (where, record), where naming the file and index for reports.
+    Returns (samples in input order, DropReport)."""
+    from tqdm import tqdm
+
+    chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+    bar = tqdm(total=len(items), desc="preprocessing", unit="sample", disable=not progress)
+    samples, report = [], DropReport()
+
+    def collect(results):
+        for r in results:
+            if isinstance(r, Sample):
+                samples.append(r)
+            else:
+                report.add(r[1], r[0], r[2])
+        bar.update(len(results))
+
+    if num_workers <= 1:
+        _init_worker(settings)
+        for chunk in chunks:
+            collect(_run_chunk(chunk))
+    else:
+        # spawn: forked workers would inherit the trainer's threads and accelerator state.
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(settings,)) as pool:
+            for results in pool.imap(_run_chunk, chunks):
+                collect(results)
+    bar.close()
+    return samples, report

@@ -1,0 +1,79 @@
+"""The `qwen2vl` chat template: conversation -> input_ids and labels.
+
+The text is exactly what Qwen2-VL's Jinja chat template renders; it is tokenized once
+with a single `<|image_pad|>` per image, then each pad is repeated
+grid_t*grid_h*grid_w / merge^2 times. Special tokens split the text before BPE, so this
+equals tokenizing the fully expanded text, as Qwen2VLProcessor does. Labels come from
+character offsets, so they never depend on how BPE merges at turn boundaries.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+
+import numpy as np
+
+from mindspeed_mm.data.formats import IMAGE_PLACEHOLDER, Conversation
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM = "You are a helpful assistant."
+VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray   # int32 [s]
+    labels: np.ndarray      # int32 [s], IGNORE_INDEX where not supervised
+
+
+class Qwen2VLTemplate:
+    def __init__(self, tokenizer, train_on_prompt: bool = False, mask_history: bool = False):
+        self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: offsets at no extra cost
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+               ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")}
+        self.image_token_id = ids["<|image_pad|>"]
+        self.vision_token_ids = np.array(list(ids.values()), dtype=np.int32)
+        self.train_on_prompt = train_on_prompt
+        self.mask_history = mask_history
+
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """Chat text with one pad per image, and the supervised character spans."""
+        parts, spans, pos = [], [], 0
+        turns = conv.messages
+        if turns[0][0] != "system":
+            turns = [("system", DEFAULT_SYSTEM)] + turns
+        last_user = max(i for i, (r, _) in enumerate(turns) if r == "user")
+        for i, (role, content) in enumerate(turns):
+            head = f"<|im_start|>{role}\n"
+            body = content.replace(IMAGE_PLACEHOLDER, VISION_BLOCK) + "<|im_end|>\n"
+            start = pos + len(head)
+            if self.train_on_prompt:
+                start = pos
+                supervised = not self.mask_history or i >= last_user
+            else:
+                supervised = role == "assistant" and (not self.mask_history or i > last_user)
+            if supervised:
+                spans.append((start, pos + len(head) + len(body)))
+            parts += [head, body]
+            pos += len(head) + len(body)
+        return "".join(parts), spans
+
+    def encode(self, conv: Conversation, image_token_counts: list[int]) -> Encoded:
+        text, spans = self.render(conv)
+        enc = self.backend.encode(text, add_special_tokens=True)
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        starts = [s for s, _ in spans]
+        sup = np.zeros(len(ids), dtype=bool)
+        for t, (a, _) in enumerate(enc.offsets):
+            k = bisect_right(starts, a) - 1
+            sup[t] = k >= 0 and a < spans[k][1]
+        pads = np.flatnonzero(ids == self.image_token_id)
+        if len(pads) != len(image_token_counts):
+            raise ValueError(f"{len(pads)} image pads in text for {len(image_token_counts)} images")
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[pads] = image_token_counts
+        ids, sup = np.repeat(ids, repeats), np.repeat(sup, repeats)
+        sup &= ~np.isin(ids, self.vision_token_ids)  # vision tokens are inputs, never targets
+        labels = np.where(sup, ids, IGNORE_INDEX).astype(np.int32)
+        return Encoded(ids, labels)
