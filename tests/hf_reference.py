@@ -1,0 +1,111 @@
+"""The Hugging Face reference that model, training and inference tests compare against.
+
+A tiny random ``Qwen2VLForConditionalGeneration`` whose shape can catch wrong
+splits: M-RoPE sections [2, 3, 3] (not uniform), 4 query heads over 2 KV
+heads, 3 LLM layers (uneven pipeline splits), a vocabulary (2100) that
+megatron pads (to 2176 at TP=1, 2304 at TP=2), and every parameter
+perturbed so no bias or norm is a trivial 0/1.  Token ids are those of
+``scripts/make_tiny_qwen2vl.py``'s tokenizer.
+
+The batch has two samples: sample 0 holds two images of different sizes and
+aspect ratios between text, sample 1 is text only and shorter, padded on
+``padding_side``.  Labels are HF's (unshifted, -100 on prompt and padding).
+"""
+import torch
+
+TOKENS = dict(image_token_id=2060, video_token_id=2061, vision_start_token_id=2057, vision_end_token_id=2058)
+PAD_ID = 2048  # <|endoftext|>
+VOCAB = 2100
+PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal patch * patch * patch
+IMAGE_GRIDS = ((1, 4, 6), (1, 8, 4))  # (t, h, w) in patches: 6 and 8 merged tokens, landscape and portrait
+
+
+def hf_config(**text_overrides):
+    """transformers Qwen2VLConfig (tiny); ``text_overrides`` update the text config."""
+    from scripts.make_tiny_qwen2vl import tiny_config
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+                pad_token_id=PAD_ID)
+    text.update(text_overrides)
+    vision = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2)
+    config = tiny_config(vision_config=vision, **TOKENS, **text)
+    config._attn_implementation = "eager"  # the plainest math: no kernel choice in the reference
+    config.vision_config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    return config
+
+
+def hf_model(config=None, seed: int = 0, dtype=torch.float32):
+    """A random HF model in eval mode; every parameter perturbed away from its init."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config or hf_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def our_config(config=None, dtype: str = "fp32"):
+    """Our Qwen2VLConfig for the same architecture."""
+    from mindspeed_mm.models.config import Qwen2VLConfig
+
+    cfg = Qwen2VLConfig.from_hf((config or hf_config()).to_dict())
+    cfg.dtype = dtype
+    return cfg
+
+
+def hf_state(model):
+    """The model's state dict (transformers-5 internal names, accepted by checkpoint.mapping)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _tokens(n, seed):
+    return torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _image(grid):
+    t, h, w = grid
+    return ([TOKENS["vision_start_token_id"]] + [TOKENS["image_token_id"]] * (t * h * w // 4)
+            + [TOKENS["vision_end_token_id"]])
+
+
+def make_batch(padding_side: str = "right", seed: int = 0):
+    """dict: input_ids / attention_mask / labels / mm_token_type_ids [2, s], pixel_values [n_patches, 1176],
+    image_grid_thw [2, 3]. Labels supervise the 'answer' tail of each sample."""
+    prompt0 = _tokens(4, seed) + _image(IMAGE_GRIDS[0]) + _tokens(3, seed + 1) + _image(IMAGE_GRIDS[1])
+    answer0 = _tokens(6, seed + 2)
+    prompt1, answer1 = _tokens(5, seed + 3), _tokens(4, seed + 4)
+    samples = [(prompt0, answer0), (prompt1, answer1)]
+    seq = max(len(p) + len(a) for p, a in samples)
+    input_ids = torch.full((2, seq), PAD_ID)
+    labels = torch.full((2, seq), -100)
+    attention_mask = torch.zeros(2, seq, dtype=torch.long)
+    for b, (prompt, answer) in enumerate(samples):
+        n = len(prompt) + len(answer)
+        start = 0 if padding_side == "right" else seq - n
+        input_ids[b, start:start + n] = torch.tensor(prompt + answer)
+        labels[b, start + len(prompt):start + n] = torch.tensor(answer)
+        attention_mask[b, start:start + n] = 1
+    n_patches = sum(t * h * w for t, h, w in IMAGE_GRIDS)
+    pixel_values = torch.randn(n_patches, PATCH_DIM, generator=torch.Generator().manual_seed(seed + 5))
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                mm_token_type_ids=(input_ids == TOKENS["image_token_id"]).int(),
+                pixel_values=pixel_values, image_grid_thw=torch.tensor(IMAGE_GRIDS))
+
+
+def hf_forward(model, batch, with_labels: bool = True):
+    """HF output (logits [b, s, vocab], loss = mean over supervised tokens when labelled)."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    kwargs = {k: batch[k] for k in keys}
+    if with_labels:
+        kwargs["labels"] = batch["labels"]
+    return model(**kwargs, use_cache=False)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Unshifted HF labels [b, s] -> ours (labels[:, t] is the target predicted at t; -100 at the end)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
