@@ -1,0 +1,212 @@
+"""Training checkpoints in Megatron's layout, saved atomically, loaded for exact resume.
+
+    SAVE/latest_checkpointed_iteration.txt          "N" (or "release" for a converted checkpoint)
+    SAVE/model.json                                 the model config
+    SAVE/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+        {'model', 'optimizer', 'opt_param_scheduler', 'rng_state', 'train_state', 'iteration', 'args', ...}
+    SAVE/iter_{N:07d}/mp_rank_.../distrib_optim.pt  parameter state of the distributed optimizer
+
+A save writes everything under ``iter_N.tmp-<id>/``; once every rank has
+finished, rank 0 renames it to ``iter_N`` and only then replaces the tracker
+file (itself through a temporary name).  A crash or ``kill -9`` at any moment
+leaves the tracker pointing at the previous complete checkpoint.
+"""
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from mindspeed_mm.errors import UserError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+OPTIM_FILE = "distrib_optim.pt"
+CHECKPOINT_VERSION = 3.0
+
+
+# ---- paths ------------------------------------------------------------------
+def iteration_dir(root: str, iteration) -> str:
+    return os.path.join(root, "release" if iteration == "release" else f"iter_{int(iteration):07d}")
+
+
+def rank_dir(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(iter_dir, name)
+
+
+def read_tracker(root: str):
+    """The iteration the tracker names (int), 'release', or None when there is no checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return "release" if os.path.isdir(os.path.join(root, "release")) else None
+    text = open(path).read().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- rng --------------------------------------------------------------------
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ---- save -------------------------------------------------------------------
+def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, train_state: dict,
+                    model_cfg, args) -> str:
+    """Collective: every rank calls it.  Returns the final iteration directory."""
+    from megatron.core import parallel_state as ps
+
+    rank = torch.distributed.get_rank()
+    final = iteration_dir(save_dir, iteration)
+    # One temporary name for all ranks: rank 0 picks it and broadcasts it.
+    token = [f"{final}.tmp-{int(time.time() * 1e6)}" if rank == 0 else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    tmp = token[0]
+    if rank == 0:
+        os.makedirs(tmp, exist_ok=True)
+    torch.distributed.barrier()
+
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    out_dir = rank_dir(tmp, tp_rank, pp_rank, ps.get_pipeline_model_parallel_world_size())
+    dp_group = ps.get_data_parallel_group()
+    # Every data-parallel rank keeps its own RNG stream: gather them all.
+    rngs = [None] * torch.distributed.get_world_size(dp_group)
+    if not args.no_save_rng:
+        torch.distributed.all_gather_object(rngs, rng_state(), group=dp_group)
+    save_optim = not args.no_save_optim and optimizer is not None
+    if save_optim and args.use_distributed_optimizer:
+        os.makedirs(out_dir, exist_ok=True)
+        optimizer.save_parameter_state(os.path.join(out_dir, OPTIM_FILE))  # collective over DP
+    if ps.get_data_parallel_rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        state = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            "model": unwrap(model).state_dict(),
+            "train_state": dict(train_state),
+        }
+        if save_optim:
+            state["optimizer"] = optimizer.state_dict()
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if not args.no_save_rng:
+            state["rng_state"] = rngs
+        torch.save(state, os.path.join(out_dir, MODEL_FILE))
+    torch.distributed.barrier()
+    if rank == 0:
+        _publish(save_dir, tmp, final, iteration, model_cfg)
+    torch.distributed.barrier()
+    return final
+
+
+def _publish(save_dir, tmp, final, iteration, model_cfg):
+    """Rename the finished temporary directory into place, then move the tracker."""
+    if os.path.exists(final):  # re-saving an iteration (e.g. a signal right after a save)
+        old = f"{final}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    model_json = os.path.join(save_dir, "model.json")
+    model_cfg.save(model_json)
+    _write_atomically(os.path.join(save_dir, TRACKER), f"{iteration}\n")
+
+
+# ---- load -------------------------------------------------------------------
+def unwrap(model):
+    """The bare model under DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def load_checkpoint(load_dir: str, model, optimizer, scheduler, args) -> dict:
+    """Load into the model (and optimizer, scheduler, RNG unless told otherwise).
+
+    Returns the train state to continue from: {'iteration', 'consumed_samples', ...};
+    iteration 0 for a converted ('release') checkpoint or with --finetune.
+    """
+    from megatron.core import parallel_state as ps
+
+    tag = read_tracker(load_dir)
+    if tag is None:
+        raise UserError(f"--load {load_dir}: no {TRACKER} and no release/ directory: not a checkpoint")
+    path = rank_dir(iteration_dir(load_dir, tag), ps.get_tensor_model_parallel_rank(),
+                    ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size())
+    path_file = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(path_file):
+        raise UserError(f"--load {load_dir}: {path_file} not found: the checkpoint was written for another "
+                        f"tensor/pipeline layout than TP={ps.get_tensor_model_parallel_world_size()} "
+                        f"PP={ps.get_pipeline_model_parallel_world_size()} (re-convert or reshard it)")
+    state = torch.load(path_file, map_location="cpu", weights_only=False)
+    _load_model_state(unwrap(model), state["model"], path_file)
+
+    weights_only = tag == "release" or args.finetune
+    if weights_only:
+        return {"iteration": 0, "consumed_samples": 0, "skipped_iters": 0, "nan_iters": 0}
+    _check_same_layout(state.get("args", {}), args, path_file)
+    if not args.no_load_optim:
+        if "optimizer" not in state:
+            raise UserError(f"{path_file}: saved without optimizer state (--no-save-optim); "
+                            f"resume with --no-load-optim or use --finetune")
+        optimizer.load_state_dict(state["optimizer"])
+        if args.use_distributed_optimizer:
+            optimizer.load_parameter_state(os.path.join(path, OPTIM_FILE))
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if not args.no_load_rng:
+        if "rng_state" not in state:
+            raise UserError(f"{path_file}: saved without RNG state (--no-save-rng); resume with --no-load-rng")
+        rngs = state["rng_state"]
+        set_rng_state(rngs[ps.get_data_parallel_rank() % len(rngs)])
+    train_state = dict(state["train_state"])
+    train_state["iteration"] = state["iteration"]
+    return train_state
+
+
+def _load_model_state(model, saved: dict, source: str) -> None:
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        what = (f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else "") + \
+               (" and " if missing and unexpected else "") + \
+               (f"has {len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else "")
+        raise UserError(f"{source}: does not match this model stage: {what}; check --mm-model and "
+                        f"--pipeline-num-layers against the checkpoint")
+
+
+def _check_same_layout(saved: dict, args, source: str) -> None:
+    if "stage_layers" in saved and saved["stage_layers"] != args.stage_layers:
+        raise UserError(f"{source}: saved with LLM layers per pipeline stage {saved['stage_layers']}, now "
+                        f"{args.stage_layers}; resume with the same --pipeline-num-layers")
