@@ -1,0 +1,96 @@
+"""Qwen2 language model on megatron-core GPTModel with multimodal RoPE.
+
+Two things differ from a plain GPTModel:
+
+* the input embedding of every ``<|image_pad|>`` token is replaced by the
+  next image feature (done before the sequence-parallel scatter, which is
+  why the GPTModel does not scatter its own embedding);
+* the vocabulary is padded (multiple of divisible_by x TP): the padded
+  logit columns are set to -inf before softmax / cross-entropy / argmax, so
+  they carry no probability, exactly like the unpadded HF head.
+"""
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
+
+from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.layer_spec import transformer_layer_spec
+
+IGNORE_INDEX = -100
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """In place: -inf on the columns of this rank's vocab shard that lie past the real vocabulary."""
+    shard = logits.shape[-1]
+    first_padded = vocab_size - tp_rank * shard  # local index of the first padded column
+    if first_padded < shard:
+        logits[..., max(first_padded, 0):] = float("-inf")
+    return logits
+
+
+def check_image_tokens(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], image_token_id: int,
+                       merge: int) -> None:
+    """Every sample's image tokens must match the features of its images (images assigned in order)."""
+    per_sample = (input_ids == image_token_id).sum(dim=1).tolist()
+    features = [] if image_grid_thw is None else (image_grid_thw.prod(-1) // merge ** 2).tolist()
+    image = 0
+    for b, tokens in enumerate(per_sample):
+        have, first = 0, image
+        while have < tokens and image < len(features):
+            have += features[image]
+            image += 1
+        if have != tokens:
+            raise UserError(f"sample {b}: {tokens} image tokens but image_grid_thw rows {first}..{image - 1} "
+                            f"give {have} image features (images are matched to samples in order)")
+    if image != len(features):
+        raise UserError(f"image_grid_thw has {len(features)} images but the {len(per_sample)} samples' "
+                        f"image tokens cover only {image} (total tokens {sum(per_sample)}, "
+                        f"total features {sum(features)})")
+
+
+class Qwen2LanguageModel(GPTModel):
+    """GPTModel + image-feature injection + padded-vocabulary masking."""
+
+    def __init__(self, cfg: Qwen2VLConfig, config, pre_process: bool, post_process: bool):
+        t = cfg.text
+        super().__init__(
+            config, transformer_layer_spec(AttnMaskType.causal),
+            vocab_size=t.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=t.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+            parallel_output=True, share_embeddings_and_output_weights=t.tie_word_embeddings,
+            position_embedding_type="mrope", rotary_base=t.rope_theta,
+            scatter_embedding_sequence_parallel=False)
+        self.real_vocab_size = t.vocab_size
+        self.image_token_id = cfg.image_token_id
+
+    def embed(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with image features in place of image tokens: [s, b, h] (scattered under SP)."""
+        emb = self.embedding.word_embeddings(input_ids)  # [b, s, h], all-reduced over TP
+        if image_features is not None:
+            mask = (input_ids == self.image_token_id).unsqueeze(-1)
+            emb = emb.masked_scatter(mask, image_features.to(emb.dtype))
+        emb = emb.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    def _tp_rank(self) -> int:
+        return self.pg_collection.tp.rank() if torch.distributed.is_initialized() else 0
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [b, s] (fp32); labels already shifted, -100 gives 0."""
+        mask_padded_vocab(logits, self.real_vocab_size, self._tp_rank())
+        ignored = labels == IGNORE_INDEX
+        loss = super().compute_language_model_loss(labels.masked_fill(ignored, 0), logits.float())
+        return loss.masked_fill(ignored, 0.0)
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, **kwargs):
+        out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                              labels=labels, **kwargs)
+        if self.post_process and labels is None:
+            mask_padded_vocab(out, self.real_vocab_size, self._tp_rank())  # logits [b, s, V/TP]
+        return out

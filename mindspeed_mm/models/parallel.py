@@ -1,0 +1,69 @@
+"""How the model is split: tensor / pipeline layout and activation recompute.
+
+Pipeline stages hold a per-stage list of LLM layer counts.  The first stage
+always holds the ViT, the projector and the word embedding and may hold no LLM
+layer; the last holds the final norm and the output layer.  The guide gives the
+split as ``pipeline_layer_index`` (the first LLM layer of every stage):
+``[0, 0, 10, 20]`` over 28 layers means counts ``[0, 10, 10, 8]``
+(``checkpoint.parallel.stage_layer_counts`` turns flags into counts).
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from mindspeed_mm.errors import UserError
+
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = (None, "uniform", "block")
+
+
+def check_stage_layers(stage_layers: Sequence[int], num_layers: int) -> List[int]:
+    counts = list(stage_layers)
+    if not counts or any(c < 0 for c in counts) or sum(counts) != num_layers:
+        raise UserError(f"pipeline stage layers {counts}: need non-negative counts summing to "
+                        f"{num_layers} LLM layers")
+    return counts
+
+
+def megatron_layout(stage_layers: Sequence[int]) -> List[List[str]]:
+    """megatron-core ``pipeline_model_parallel_layout``: 'E' embedding, 't' layer, 'L' loss, per stage."""
+    last = len(stage_layers) - 1
+    return [(["E"] if i == 0 else []) + ["t"] * n + (["L"] if i == last else [])
+            for i, n in enumerate(stage_layers)]
+
+
+@dataclass
+class ParallelSettings:
+    """Everything about the split and recompute the model needs to build one stage."""
+    tensor_parallel: int = 1
+    # LLM layers per pipeline stage; None = all layers in one stage (PP=1).
+    stage_layers: Optional[List[int]] = None
+    sequence_parallel: bool = False
+    recompute_granularity: Optional[str] = None  # 'full' | 'selective'
+    recompute_method: Optional[str] = None  # 'uniform' | 'block' (full only)
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective only
+
+    @property
+    def pipeline_parallel(self) -> int:
+        return 1 if self.stage_layers is None else len(self.stage_layers)
+
+    def resolved_stage_layers(self, num_layers: int) -> List[int]:
+        if self.stage_layers is None:
+            return [num_layers]
+        return check_stage_layers(self.stage_layers, num_layers)
+
+    def validate(self) -> None:
+        if self.tensor_parallel < 1:
+            raise UserError(f"--tensor-model-parallel-size must be >= 1, got {self.tensor_parallel}")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            raise UserError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise UserError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
+        if self.recompute_granularity == "full" and (self.recompute_method is None
+                                                     or not self.recompute_num_layers):
+            raise UserError("--recompute-granularity full needs --recompute-method (uniform|block) and "
+                            "--recompute-num-layers >= 1")
+        if self.recompute_granularity != "full" and self.recompute_method is not None:
+            raise UserError("--recompute-method applies only with --recompute-granularity full")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise UserError("--sequence-parallel needs --tensor-model-parallel-size > 1")

@@ -1,0 +1,123 @@
+"""Qwen2-VL on megatron-core, one pipeline stage of it.
+
+    stage 0:     vision_encoder -> vision_projector -> image features
+                 language_model.embedding (+ image features at <|image_pad|>) -> its LLM layers
+    stage k:     LLM layers (hidden states [s, b, h] from the previous stage via set_input_tensor)
+    last stage:  final norm -> output layer -> logits [b, s, V/TP] (padded columns -inf)
+                 or, with labels, per-token cross-entropy [b, s]
+
+Every stage receives input_ids, position_ids and attention_mask; when
+position_ids is None it computes the M-RoPE positions itself (the same rule
+on every stage).  Parameter names are the shared contract's (see
+checkpoint/mapping.py).
+"""
+from typing import Mapping, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.language_model import Qwen2LanguageModel, check_image_tokens
+from mindspeed_mm.models.parallel import ParallelSettings
+from mindspeed_mm.models.projector import VisionProjector
+from mindspeed_mm.models.rope_index import get_rope_index
+from mindspeed_mm.models.transformer_configs import language_transformer_config, vision_transformer_config
+from mindspeed_mm.models.vision_encoder import VisionEncoder
+
+
+def padding_to_megatron_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """HF [b, s] (1 = token, 0 = pad) -> megatron bool [b, 1, 1, s] (True = masked key), None when no padding."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    return ~attention_mask.bool()[:, None, None, :]
+
+
+class Qwen2VLModel(MegatronModule):
+    """One pipeline stage of Qwen2-VL (the whole model when pre_process and post_process)."""
+
+    def __init__(self, cfg: Qwen2VLConfig, parallel: Optional[ParallelSettings] = None,
+                 pre_process: bool = True, post_process: bool = True, **parallel_kwargs):
+        parallel = parallel if parallel is not None else ParallelSettings(**parallel_kwargs)
+        parallel.validate()
+        cfg.validate()
+        cfg.check_parallel(parallel.tensor_parallel)
+        config = language_transformer_config(cfg, parallel)
+        super().__init__(config=config)
+        self.cfg, self.parallel = cfg, parallel
+        self.stage_layers = parallel.resolved_stage_layers(cfg.text.num_layers)
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            vision_config = vision_transformer_config(cfg, parallel)
+            self.vision_encoder = VisionEncoder(cfg.vision, vision_config)
+            self.vision_projector = VisionProjector(cfg.vision, vision_config)
+        self.language_model = Qwen2LanguageModel(cfg, config, pre_process, post_process)
+        self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+        self._freeze()
+
+    # ---- freezing ------------------------------------------------------------------------
+    def _freeze(self) -> None:
+        """Frozen parts keep requires_grad=False: megatron's DDP and optimizer then skip them."""
+        parts = [(self.cfg.freeze_language_model, self.language_model)]
+        if self.pre_process:
+            parts += [(self.cfg.freeze_vision_encoder, self.vision_encoder),
+                      (self.cfg.freeze_vision_projector, self.vision_projector)]
+        for frozen, module in parts:
+            if frozen:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+    # ---- megatron pipeline hooks ---------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    # ---- forward -------------------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """[n_patches, 1176] -> LLM-width features [n_patches / merge**2, h], images in order."""
+        train_vit = not self.cfg.freeze_vision_encoder
+        train_any = train_vit or not self.cfg.freeze_vision_projector
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_vit):
+            patches = self.vision_encoder(pixel_values, image_grid_thw)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_any):
+            return self.vision_projector(patches)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+        """input_ids [b, s]; position_ids [3, b, s] or None; attention_mask [b, s] (1 = token) or None;
+        pixel_values [n_patches, 1176]; image_grid_thw [n_img, 3]; labels [b, s] already shifted.
+
+        Last stage: loss [b, s] (fp32, 0 at -100) with labels, else logits [b, s, V/TP].
+        Other stages: hidden states [s, b, h] for the next stage.
+        """
+        if position_ids is None:
+            position_ids, _ = get_rope_index(
+                input_ids, image_grid_thw, attention_mask, spatial_merge_size=self.cfg.vision.spatial_merge_size,
+                image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
+                vision_start_token_id=self.cfg.vision_start_token_id)
+        decoder_input = None
+        if self.pre_process:
+            check_image_tokens(input_ids, image_grid_thw if pixel_values is not None else None,
+                               self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
+            features = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
+            decoder_input = self.language_model.embed(input_ids, features)
+        return self.language_model(input_ids, position_ids, padding_to_megatron_mask(attention_mask),
+                                   decoder_input=decoder_input, labels=labels)
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_full_state(self, full_state: Mapping[str, torch.Tensor], tp_rank: Optional[int] = None,
+                        pp_rank: Optional[int] = None) -> None:
+        """Load a full TP=1 state in our names (e.g. ``checkpoint.mapping.hf_to_mm(hf_state, cfg)``).
+
+        This rank's shard is cut by ``checkpoint.parallel.shard_state`` and loaded strictly.
+        """
+        from checkpoint.parallel import shard_state
+
+        tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+        shard = shard_state(full_state, self.cfg, self.parallel.tensor_parallel, tp_rank, self.stage_layers,
+                            pp_rank)
+        self.load_state_dict(shard, strict=True)
