@@ -109,3 +109,15 @@ def hf_forward(model, batch, with_labels: bool = True):
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Unshifted HF labels [b, s] -> ours (labels[:, t] is the target predicted at t; -100 at the end)."""
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
+def build_our_model(hf, cfg=None, pre_process: bool = True, post_process: bool = True, **parallel_kwargs):
+    """This rank's stage of our Qwen2VLModel holding ``hf``'s weights, loaded the way checkpoints are:
+    checkpoint.mapping.hf_to_mm, then checkpoint.parallel.shard_state. Call after init_distributed."""
+    from checkpoint.mapping import hf_to_mm
+    from mindspeed_mm.models.qwen2vl import Qwen2VLModel
+
+    cfg = cfg or our_config(hf.config)
+    model = Qwen2VLModel(cfg, pre_process=pre_process, post_process=post_process, **parallel_kwargs)
+    model.load_full_state(hf_to_mm(hf_state(hf), cfg))
+    return model
