@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-num-layers", default=None,
                    help="LLM layers per pipeline stage, e.g. 0,10,10,8 (the first stage may hold only the "
                         "vision encoder); default: an even split")
+    g.add_argument("--pipeline-layer-index", default=None,
+                   help="the guide's form: first LLM layer of each stage, e.g. 0,0,10,20")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
@@ -148,17 +150,31 @@ def _int_list(text: str, flag: str):
         raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
 
 
-def stage_layer_counts(num_layers: int, pp: int, spec: str = None):
-    """LLM layers per pipeline stage from --pipeline-num-layers or an even split."""
-    from mindspeed_mm.models.parallel import check_stage_layers, even_stage_layers
+def stage_layer_counts(num_layers: int, pp: int, num_layers_spec: str = None, layer_index_spec: str = None):
+    """LLM layers per pipeline stage: --pipeline-num-layers, --pipeline-layer-index, or an even split."""
+    from checkpoint.parallel import stage_layer_counts as counts_from_flags
 
-    if spec is None:
-        return even_stage_layers(num_layers, pp)
-    counts = _int_list(spec, "--pipeline-num-layers")
+    if num_layers_spec is None and layer_index_spec is None:
+        if num_layers % pp:
+            raise UserError(f"--pipeline-model-parallel-size {pp} does not divide the {num_layers} LLM layers; "
+                            f"give --pipeline-num-layers (e.g. {_uneven_example(num_layers, pp)})")
+        return [num_layers // pp] * pp
+    counts = counts_from_flags(
+        num_layers,
+        pipeline_layer_index=None if layer_index_spec is None else _int_list(layer_index_spec,
+                                                                             "--pipeline-layer-index"),
+        pipeline_num_layers=None if num_layers_spec is None else _int_list(num_layers_spec, "--pipeline-num-layers"))
     if len(counts) != pp:
-        raise UserError(f"--pipeline-num-layers {spec} has {len(counts)} stages but "
+        raise UserError(f"the pipeline layer list {counts} has {len(counts)} stages but "
                         f"--pipeline-model-parallel-size is {pp}")
-    return check_stage_layers(counts, num_layers, pp)
+    if pp > 1 and counts[-1] == 0:
+        raise UserError(f"the pipeline layer list {counts}: the last stage must hold at least one LLM layer")
+    return counts
+
+
+def _uneven_example(num_layers, pp):
+    base, rest = divmod(num_layers, pp)
+    return ",".join(str(base + (i >= pp - rest)) for i in range(pp))
 
 
 def split_weights(spec: str):
@@ -196,7 +212,8 @@ def validate(args, model_cfg, world_size: int) -> None:
                         f"{args.micro_batch_size} x data-parallel size {dp}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     model_cfg.check_parallel(tp)
-    args.stage_layers = stage_layer_counts(model_cfg.text.num_layers, pp, args.pipeline_num_layers)
+    args.stage_layers = stage_layer_counts(model_cfg.text.num_layers, pp, args.pipeline_num_layers,
+                                           args.pipeline_layer_index)
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: nothing to split
     if not args.variable_seq_lengths and not args.seq_length:

@@ -1,0 +1,19 @@
+#!/bin/bash
+# Fine-tune Qwen2-VL-7B-Instruct (the guide's launcher).  Run from the repository root:
+#     bash examples/qwen2vl/finetune_qwen2vl_7b.sh [extra flags, which win]
+# Override anything from the environment, e.g.
+#     GPUS_PER_NODE=4 TP=2 PP=2 LOAD_PATH=save_dir bash examples/qwen2vl/finetune_qwen2vl_7b.sh --train-iters 10
+# Re-running with LOAD_PATH set to an earlier SAVE_PATH resumes that run exactly.
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MM_DATA=${MM_DATA:-./examples/qwen2vl/data.json}
+MM_MODEL=${MM_MODEL:-./examples/qwen2vl/model_7b.json}   # or a converted checkpoint's model.json
+LOAD_PATH=${LOAD_PATH-ckpt/mm_path/Qwen2-VL-7B-Instruct}
+SAVE_PATH=${SAVE_PATH:-save_dir}
+
+TP=${TP:-1}
+PP=${PP:-4}
+# The guide's split: pipeline_layer_index [0, 0, 10, 20] = LLM layers per stage 0,10,10,8 (stage 0: ViT + embedding).
+if [ -z "${PIPELINE_NUM_LAYERS+x}" ] && [ "$PP" = 4 ]; then PIPELINE_NUM_LAYERS=0,10,10,8; fi
+
+source "$(dirname "${BASH_SOURCE[0]}")/finetune_qwen2vl_common.sh"

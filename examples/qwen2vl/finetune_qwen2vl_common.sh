@@ -1,0 +1,84 @@
+# Shared body of finetune_qwen2vl_{2b,7b,72b}.sh (sourced, not run): the guide's
+# GPT_ARGS / MM_ARGS / OUTPUT_ARGS and the torchrun launch.  Every variable is
+# overridable from the environment; arguments given to the launcher ("$@") are
+# appended last and win over the ones here.
+set -eo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+# Ascend toolkit when present (NPU machines); nothing to do elsewhere.
+if [ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ]; then
+    source /usr/local/Ascend/ascend-toolkit/set_env.sh
+fi
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-29501}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+WORLD_SIZE=${WORLD_SIZE:-$(($GPUS_PER_NODE * $NNODES))}
+
+SAVE_PATH=${SAVE_PATH:-save_dir}
+MBS=${MBS:-1}
+DP=$(($WORLD_SIZE / $TP / $PP))
+GBS=${GBS:-$(($MBS * $DP * ${GRAD_ACC_STEP:-8}))}
+SEQ_LEN=${SEQ_LEN:-1024}
+TRAIN_ITERS=${TRAIN_ITERS:-10000}
+PRECISION=${PRECISION:-bf16}   # bf16 | fp16 | fp32 (CPU debugging, exactness checks)
+
+DISTRIBUTED_ARGS="
+    --nproc_per_node $GPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node_rank $NODE_RANK \
+    --master_addr $MASTER_ADDR \
+    --master_port $MASTER_PORT
+"
+
+# Model sizes come from MM_MODEL; the training settings are here.
+GPT_ARGS="
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    ${PIPELINE_NUM_LAYERS:+--pipeline-num-layers ${PIPELINE_NUM_LAYERS}} \
+    --micro-batch-size ${MBS} \
+    --global-batch-size ${GBS} \
+    --seq-length ${SEQ_LEN} \
+    --variable-seq-lengths \
+    --lr ${LR:-1.0e-5} \
+    --min-lr ${MIN_LR:-0} \
+    --lr-decay-style cosine \
+    --lr-warmup-fraction ${LR_WARMUP_FRACTION:-0.1} \
+    --weight-decay 0 \
+    --clip-grad ${CLIP_GRAD:-0.0} \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.999 \
+    --train-iters ${TRAIN_ITERS} \
+    --seed 42 \
+    --${PRECISION} \
+    ${LOAD_PATH:+--load ${LOAD_PATH}} \
+    --use-distributed-optimizer \
+    --use-flash-attn \
+"
+
+MM_ARGS="
+    --mm-data ${MM_DATA} \
+    --mm-model ${MM_MODEL} \
+"
+
+# Evaluation needs a held-out share of the data: add e.g. --split 98,2,0 --eval-interval 500 --eval-iters 10
+OUTPUT_ARGS="
+    --log-interval ${LOG_INTERVAL:-1} \
+    --save-interval ${SAVE_INTERVAL:-5000} \
+    --save ${SAVE_PATH} \
+    ${TENSORBOARD_DIR:+--tensorboard-dir ${TENSORBOARD_DIR}} \
+"
+
+LOG_DIR=${LOG_DIR:-logs}
+mkdir -p "$LOG_DIR"
+logfile="$LOG_DIR/train_$(date +%Y%m%d_%H%M%S).log"
+torchrun $DISTRIBUTED_ARGS "$ROOT/pretrain_qwen2vl.py" \
+    $GPT_ARGS \
+    $MM_ARGS \
+    $OUTPUT_ARGS \
+    "$@" \
+    2>&1 | tee "$logfile"
