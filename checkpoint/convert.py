@@ -1,0 +1,190 @@
+"""The two conversions as library functions: HF -> ours (any TP x PP) and ours -> HF.
+
+Both stream: HF -> ours builds one rank file at a time, each tensor read from
+the safetensors files when that rank needs it; ours -> HF memory-maps the rank
+files and merges one tensor at a time into safetensors shards.  Every input is
+checked before anything is written, and the output folder appears only when
+complete (checkpoint/staging.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, List, Mapping, Optional, Sequence
+
+import torch
+
+from checkpoint.hf_io import HFCheckpoint, copy_hf_side_files, read_hf_config, write_hf_shards
+from checkpoint.mapping import HFToOurs, OursToHF, check_hf_keys
+from checkpoint.megatron_io import find_layout, load_rank, rank_file, save_rank, stage_layers_of, write_tracker
+from checkpoint.parallel import MergedView, shard_state, stage_layer_counts, stage_names
+from checkpoint.staging import check_save_dir, staged_dir
+from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.config import Qwen2VLConfig
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9
+
+
+@dataclass
+class Summary:
+    save_dir: str
+    parameters: int = 0          # model parameters (elements), each counted once
+    tensors: int = 0             # tensors written, over all files
+    files: List[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def __str__(self):
+        return (f"converted {self.parameters:,} parameters: {self.tensors} tensors in "
+                f"{len(self.files)} files ({self.bytes_written / 2 ** 30:.2f} GiB) in {self.seconds:.1f}s "
+                f"-> {self.save_dir}")
+
+
+# ---- HF -> ours -----------------------------------------------------------------------------
+
+def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1,
+                     pipeline_layer_index: Optional[Sequence[int]] = None,
+                     pipeline_num_layers: Optional[Sequence[int]] = None, num_layers: Optional[int] = None,
+                     params_dtype: Optional[str] = None, overwrite: bool = False,
+                     progress: bool = True) -> Summary:
+    """Write ``save_dir`` as a Megatron-layout ``release`` checkpoint plus ``model.json``."""
+    start = time.time()
+    hf = HFCheckpoint(load_dir)
+    cfg = hf.cfg
+    if num_layers is not None and num_layers != cfg.text.num_layers:
+        raise UserError(f"--num-layers {num_layers}: {load_dir}/config.json has {cfg.text.num_layers} LLM layers")
+    tp = tensor_parallel_size
+    if tp < 1:
+        raise UserError(f"--tensor-parallel-size {tp}: must be at least 1")
+    cfg.check_parallel(tp)
+    stage_layers = stage_layer_counts(cfg.text.num_layers, pipeline_layer_index, pipeline_num_layers)
+    check_hf_keys(hf.keys(), cfg, source=load_dir, shapes=hf.shapes)
+    check_save_dir(save_dir, overwrite, [load_dir])
+    cfg.dtype = params_dtype or _dtype_name(hf.dtypes.get("model.embed_tokens.weight"), cfg.dtype)
+    cast = TORCH_DTYPES[params_dtype] if params_dtype else None
+
+    pp = len(stage_layers)
+    names = [stage_names(cfg, stage_layers, p) for p in range(pp)]
+    summary = Summary(save_dir, parameters=sum(_numel(s) for s in hf.shapes.values()))
+    with staged_dir(save_dir) as tmp, _progress(sum(map(len, names)) * tp, progress) as tick:
+        ours = _Tapped(HFToOurs(hf, cfg), cast, tick)
+        for p in range(pp):
+            for t in range(tp):  # one rank file in memory at a time
+                state = shard_state(ours, cfg, tp, t, stage_layers, p)
+                path = rank_file(tmp, "release", t, p, pp)
+                summary.bytes_written += save_rank(path, state)
+                summary.tensors += len(state)
+                summary.files.append(os.path.relpath(path, tmp))
+                del state
+        write_tracker(tmp, "release")
+        cfg.save(os.path.join(tmp, "model.json"))
+        summary.files += ["latest_checkpointed_iteration.txt", "model.json"]
+    summary.seconds = time.time() - start
+    return summary
+
+
+class _Tapped(Mapping):
+    """A lazy state whose tensors are cast (if asked) and counted as they are built."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype], tick: Callable[[], None]):
+        self.state, self.dtype, self.tick = state, dtype, tick
+
+    def __getitem__(self, name):
+        t = self.state[name]
+        self.tick()
+        return t.to(self.dtype) if self.dtype is not None else t
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+
+# ---- ours -> HF -----------------------------------------------------------------------------
+
+def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optional[int] = None,
+                     params_dtype: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     overwrite: bool = False, progress: bool = True) -> Summary:
+    """Write ``save_dir`` as an HF folder (hub key layout, sharded safetensors + index) from any
+    TP x PP layout of ``load_dir``; config, tokenizer and processor files come from ``hf_dir``."""
+    start = time.time()
+    raw_config, cfg = read_hf_config(hf_dir)
+    cfg = _checked_model_config(load_dir, cfg, hf_dir)
+    layout = find_layout(load_dir, iteration)
+    check_save_dir(save_dir, overwrite, [load_dir, hf_dir])
+    states = {r: load_rank(layout.rank_file(*r)) for r in layout.ranks()}  # memory-mapped
+    full = MergedView(states, cfg, stage_layers_of(layout, states))
+    hf_state = OursToHF(full, cfg)
+    cast = TORCH_DTYPES[params_dtype] if params_dtype else None
+    summary = Summary(save_dir)
+
+    def get(name):
+        t = hf_state[name]
+        summary.parameters += t.numel()
+        return t.to(cast) if cast is not None else t
+
+    with staged_dir(save_dir) as tmp, _progress(len(hf_state), progress) as tick:
+        files = write_hf_shards(tmp, list(hf_state), get, max_shard_bytes, on_tensor=tick)
+        summary.files = files + copy_hf_side_files(hf_dir, tmp)
+        if params_dtype:
+            _set_config_dtype(os.path.join(tmp, "config.json"), raw_config, params_dtype)
+        summary.tensors = len(hf_state)
+        summary.bytes_written = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _checked_model_config(load_dir: str, hf_cfg: Qwen2VLConfig, hf_dir: str) -> Qwen2VLConfig:
+    """The checkpoint's own model.json when it has one, checked against the HF config it is exported with."""
+    path = os.path.join(load_dir, "model.json")
+    if not os.path.isfile(path):
+        return hf_cfg
+    cfg = Qwen2VLConfig.load(path)
+    for part in ("vision", "text"):
+        ours, theirs = getattr(cfg, part).__dict__, getattr(hf_cfg, part).__dict__
+        for key in ours:
+            if key != "make_vocab_size_divisible_by" and ours[key] != theirs[key]:
+                raise UserError(f"{path}: {part}.{key} = {ours[key]!r} but {hf_dir}/config.json gives "
+                                f"{theirs[key]!r}: --hf-dir is not this model's HF folder")
+    return cfg
+
+
+def _set_config_dtype(path: str, raw: dict, params_dtype: str) -> None:
+    raw = dict(raw)
+    keys = [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]
+    for k in keys:
+        raw[k] = HF_DTYPE_NAMES[params_dtype]
+    with open(path, "w") as f:
+        json.dump(raw, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+@contextmanager
+def _progress(total: int, enabled: bool):
+    """A tqdm bar over tensors (on stderr); yields its tick function."""
+    if not enabled:
+        yield lambda: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="tensor", dynamic_ncols=True) as bar:
+        yield lambda: bar.update(1)
+
+
+def _dtype_name(dtype, default: str) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, default)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

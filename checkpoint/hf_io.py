@@ -1,0 +1,153 @@
+"""Hugging Face Qwen2-VL folders: read tensor by tensor, write sharded safetensors.
+
+The reader never builds the HF model: it reads ``config.json`` and the
+safetensors headers (names, shapes, dtypes), then one tensor per request.
+Names are given in the hub layout whichever layout the files use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from checkpoint.mapping import hub_key
+from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.config import Qwen2VLConfig
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_hf_config(hf_dir: str) -> Tuple[dict, Qwen2VLConfig]:
+    """(config.json as a dict, our model config); a one-line error if not a Qwen2-VL folder."""
+    if not os.path.isdir(hf_dir):
+        raise UserError(f"{hf_dir}: HF checkpoint directory not found")
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    return raw, Qwen2VLConfig.from_hf(raw, source=path)
+
+
+class HFCheckpoint(Mapping):
+    """The tensors of an HF folder (``model.safetensors.index.json`` shards or one
+    ``model.safetensors``), keyed by hub-layout name, loaded on access."""
+
+    def __init__(self, hf_dir: str):
+        self.dir = hf_dir
+        self.raw_config, self.cfg = read_hf_config(hf_dir)
+        self.files = self._weight_files()
+        self._where: Dict[str, Tuple[str, str]] = {}  # hub name -> (file, name in the file)
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.dtypes: Dict[str, torch.dtype] = {}
+        for file in self.files:
+            path = os.path.join(hf_dir, file)
+            for name, shape, dtype in _scan_header(path):
+                key = hub_key(name)
+                if key in self._where:
+                    raise UserError(f"{path}: {name} is also in {self._where[key][0]} (as {key})")
+                self._where[key] = (path, name)
+                self.shapes[key] = shape
+                self.dtypes[key] = dtype
+
+    def _weight_files(self) -> List[str]:
+        index = os.path.join(self.dir, INDEX)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{index}: not a safetensors index ({exc.__class__.__name__})") from None
+            files = sorted(set(weight_map.values()))
+            for file in files:
+                if not os.path.isfile(os.path.join(self.dir, file)):
+                    raise UserError(f"{index}: shard {file} not found")
+            return files
+        if os.path.isfile(os.path.join(self.dir, SINGLE)):
+            return [SINGLE]
+        raise UserError(f"{self.dir}: neither {INDEX} nor {SINGLE} found (only safetensors weights are read)")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path, name = self._where[key]
+        # Opened per tensor so the file's memory map is dropped at once (keeps the RSS to what we hold).
+        with safe_open(path, "pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+def _scan_header(path: str) -> List[Tuple[str, Tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor of a safetensors file, from its header only."""
+    try:
+        with safe_open(path, "pt") as f:
+            out = []
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out.append((name, tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), sl.get_dtype())))
+            return out
+    except Exception as exc:  # safetensors raises its own error types for bad files
+        raise UserError(f"{path}: cannot read safetensors ({str(exc).splitlines()[0]})") from None
+
+
+def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], torch.Tensor],
+                    max_shard_bytes: int, on_tensor: Optional[Callable[[], None]] = None) -> List[str]:
+    """Write ``get(name)`` for each name into ``model-XXXXX-of-YYYYY.safetensors`` files of at
+    most ``max_shard_bytes`` (a bigger tensor gets a shard of its own) plus the index."""
+    weight_map, files, shard, shard_bytes, total = {}, [], {}, 0, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            file = f"shard-{len(files) + 1:05d}.tmp"
+            save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+            files.append((file, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for name in names:
+        t = get(name).contiguous()
+        size = t.numel() * t.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = t
+        shard_bytes += size
+        total += size
+        if on_tensor:
+            on_tensor()
+    flush()
+    final = []
+    for i, (tmp, keys) in enumerate(files, 1):
+        name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
+        weight_map.update({k: name for k in keys})
+        final.append(name)
+    with open(os.path.join(out_dir, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        f.write("\n")
+    return final + [INDEX]
+
+
+def copy_hf_side_files(hf_dir: str, out_dir: str) -> List[str]:
+    """Config, tokenizer, processor, generation and chat-template files: every top-level file but weights."""
+    copied = []
+    for name in sorted(os.listdir(hf_dir)):
+        src = os.path.join(hf_dir, name)
+        if os.path.isfile(src) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith("."):
+            shutil.copy2(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+

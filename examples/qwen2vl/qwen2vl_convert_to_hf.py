@@ -1,0 +1,47 @@
+"""Export one of our checkpoints (any TP x PP layout, release or iter_N) back to Hugging Face format.
+
+    python examples/qwen2vl/qwen2vl_convert_to_hf.py --load-dir ckpt/save_dir \
+        --save-dir ckpt/Qwen2-VL-7B-finetuned --hf-dir ckpt/hf_path/Qwen2-VL-7B-Instruct
+
+Writes sharded safetensors (hub key layout) with model.safetensors.index.json and
+copies config, tokenizer, processor and generation files from --hf-dir; the folder
+loads with Qwen2VLForConditionalGeneration.from_pretrained and serves with vLLM.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, TORCH_DTYPES, convert_mm_to_hf  # noqa: E402
+from mindspeed_mm.errors import cli_main  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--load-dir", required=True, help="our checkpoint folder (holds latest_checkpointed_iteration.txt)")
+    ap.add_argument("--save-dir", required=True, help="output HF folder (must be empty)")
+    ap.add_argument("--hf-dir", required=True, help="the original HF folder: config, tokenizer, processor")
+    ap.add_argument("--iteration", type=int, default=None,
+                    help="export iter_N instead of the one latest_checkpointed_iteration.txt names")
+    ap.add_argument("--params-dtype", choices=sorted(TORCH_DTYPES), default=None,
+                    help="default: keep the checkpoint's dtype")
+    ap.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    summary = convert_mm_to_hf(
+        args.load_dir, args.save_dir, args.hf_dir, iteration=args.iteration, params_dtype=args.params_dtype,
+        max_shard_bytes=int(args.max_shard_size_gb * 1e9), overwrite=args.overwrite,
+        progress=not args.no_progress)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
