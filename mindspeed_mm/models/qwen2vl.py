@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from mindspeed_mm.models.config import Qwen2VLConfig
@@ -47,6 +48,7 @@ class Qwen2VLModel(MegatronModule):
         self.cfg, self.parallel = cfg, parallel
         self.stage_layers = parallel.resolved_stage_layers(cfg.text.num_layers)
         self.pre_process, self.post_process = pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # megatron's schedules ask for it
         if pre_process:
             vision_config = vision_transformer_config(cfg, parallel)
             self.vision_encoder = VisionEncoder(cfg.vision, vision_config)
@@ -86,12 +88,18 @@ class Qwen2VLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+                image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                inference_context=None):
         """input_ids [b, s]; position_ids [3, b, s] or None; attention_mask [b, s] (1 = token) or None;
         pixel_values [n_patches, 1176]; image_grid_thw [n_img, 3]; labels [b, s] already shifted.
 
         Last stage: loss [b, s] (fp32, 0 at -100) with labels, else logits [b, s, V/TP].
         Other stages: hidden states [s, b, h] for the next stage.
+
+        ``inference_context`` (megatron StaticInferenceContext, eval mode): KV-cached decoding as in
+        mindspeed_mm/inference/generate.py; input_ids hold only the new tokens while position_ids and
+        attention_mask cover the whole sequence so far, and the logits are those of the last token,
+        gathered over TP: [b, 1, V].
         """
         if position_ids is None:
             position_ids, _ = get_rope_index(
@@ -99,13 +107,17 @@ class Qwen2VLModel(MegatronModule):
                 image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
                 vision_start_token_id=self.cfg.vision_start_token_id)
         decoder_input = None
+        decoding = inference_context is not None and inference_context.sequence_len_offset > 0
         if self.pre_process:
-            check_image_tokens(input_ids, image_grid_thw if pixel_values is not None else None,
-                               self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
+            if not decoding:  # generated tokens never bring images (HF does not check them either)
+                check_image_tokens(input_ids, image_grid_thw if pixel_values is not None else None,
+                                   self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
             features = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
             decoder_input = self.language_model.embed(input_ids, features)
+        inference = {} if inference_context is None else dict(inference_context=inference_context,
+                                                              runtime_gather_output=True)
         return self.language_model(input_ids, position_ids, padding_to_megatron_mask(attention_mask),
-                                   decoder_input=decoder_input, labels=labels)
+                                   decoder_input=decoder_input, labels=labels, **inference)
 
     # ---- weights -------------------------------------------------------------------------
     def load_full_state(self, full_state: Mapping[str, torch.Tensor], tp_rank: Optional[int] = None,
