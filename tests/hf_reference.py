@@ -73,14 +73,16 @@ def _image(grid):
             + [TOKENS["vision_end_token_id"]])
 
 
-def make_batch(padding_side: str = "right", seed: int = 0):
+def make_batch(padding_side: str = "right", seed: int = 0, pad_to_multiple: int = 1):
     """dict: input_ids / attention_mask / labels / mm_token_type_ids [2, s], pixel_values [n_patches, 1176],
-    image_grid_thw [2, 3]. Labels supervise the 'answer' tail of each sample."""
+    image_grid_thw [2, 3]. Labels supervise the 'answer' tail of each sample; s is 31 rounded up to
+    ``pad_to_multiple`` (sequence parallelism needs a multiple of TP)."""
     prompt0 = _tokens(4, seed) + _image(IMAGE_GRIDS[0]) + _tokens(3, seed + 1) + _image(IMAGE_GRIDS[1])
     answer0 = _tokens(6, seed + 2)
     prompt1, answer1 = _tokens(5, seed + 3), _tokens(4, seed + 4)
     samples = [(prompt0, answer0), (prompt1, answer1)]
     seq = max(len(p) + len(a) for p, a in samples)
+    seq = -(-seq // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((2, seq), PAD_ID)
     labels = torch.full((2, seq), -100)
     attention_mask = torch.zeros(2, seq, dtype=torch.long)

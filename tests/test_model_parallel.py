@@ -1,21 +1,19 @@
 """Our Qwen2-VL split over gloo processes computes HF's logits and loss.
 
 TP=2 (ViT heads and LLM heads/vocab split), PP=2 with an empty-LLM first
-stage (ViT + projector + embedding only), and TP=2 x PP=2 with an uneven
-split; the pipeline runs through megatron-core's own schedule and every stage
+stage (ViT + projector + embedding only) and a tied head, and TP=2 x PP=2 with
+an uneven split and sequence parallelism; the pipeline runs through megatron-core's own schedule and every stage
 computes the M-RoPE positions itself (position_ids=None).  The tiny config
 has 4 query heads over 2 KV heads and M-RoPE sections [2, 3, 3], so a wrong
 head, group or section split cannot pass by symmetry.
 """
-import pytest
-
 from tests.multiproc import run_ranks
 
 LOGITS_ATOL = 1e-5
 LOSS_RTOL = 1e-5
 
 
-def _parallel_forward(rank, world, tp, stage_layers, padding_side, tied=False):
+def _parallel_forward(rank, world, tp, stage_layers, padding_side, tied=False, sequence_parallel=False):
     from mindspeed_mm.platform import setup_platform
 
     platform = setup_platform("cpu")
@@ -29,10 +27,10 @@ def _parallel_forward(rank, world, tp, stage_layers, padding_side, tied=False):
 
     init_distributed(platform, tp, len(stage_layers), seed=1)
     hf = hf_model(hf_config(tie_word_embeddings=tied))
-    batch = make_batch(padding_side)
+    batch = make_batch(padding_side, pad_to_multiple=tp if sequence_parallel else 1)
     with torch.no_grad():
         ref = hf_forward(hf, batch)
-    model = build_our_model(hf, tensor_parallel=tp, stage_layers=stage_layers,
+    model = build_our_model(hf, tensor_parallel=tp, stage_layers=stage_layers, sequence_parallel=sequence_parallel,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     model.eval()
     labels = shift_labels(batch["labels"])
@@ -84,7 +82,6 @@ def test_pp2_empty_llm_first_stage_tied_embeddings():
                      tied=True), 2176)
 
 
-@pytest.mark.parametrize("stage_layers", [[2, 1]])
-def test_tp2_pp2_uneven(stage_layers):
-    _check(run_ranks(_parallel_forward, 4, timeout=400, tp=2, stage_layers=stage_layers,
-                     padding_side="right"), 2304)
+def test_tp2_pp2_uneven_sequence_parallel():
+    _check(run_ranks(_parallel_forward, 4, timeout=400, tp=2, stage_layers=[2, 1], padding_side="right",
+                     sequence_parallel=True), 2304)

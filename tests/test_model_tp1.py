@@ -128,6 +128,23 @@ def _freeze_checks(hf):
     return out
 
 
+def _bf16_loss(hf):
+    """bf16 parameters: same weights rounded, loss close to HF's fp32 loss."""
+    import torch
+
+    from tests.hf_reference import build_our_model, hf_forward, make_batch, our_config, shift_labels
+
+    model = build_our_model(hf, our_config(hf.config, dtype="bf16")).eval()
+    batch = make_batch("right")
+    labels = shift_labels(batch["labels"])
+    with torch.no_grad():
+        per_token = model(batch["input_ids"], None, batch["attention_mask"], batch["pixel_values"],
+                          batch["image_grid_thw"], labels=labels)
+        ref = hf_forward(hf, batch).loss
+    return dict(loss=float(per_token.sum() / (labels != -100).sum()), hf_loss=float(ref),
+                dtypes=sorted({str(p.dtype) for p in model.parameters()}))
+
+
 def _image_token_error(model, make_batch):
     import torch
 
@@ -160,6 +177,7 @@ def _tp1_checks(rank, world):
     tied = hf_model(hf_config(tie_word_embeddings=True), seed=1)
     results["tied_logits"] = _logit_diffs(build_our_model(tied).eval(), tied, make_batch, hf_forward, VOCAB)
     results["grads"] = {name: _loss_and_grads(hf, kw) for name, kw in RECOMPUTE.items()}
+    results["bf16"] = _bf16_loss(hf)
     results["freeze"] = _freeze_checks(hf)
     destroy_distributed()
     return results
@@ -190,6 +208,12 @@ def test_loss_and_every_gradient_equal_hf(measured, recompute):
     worst = max(m["grad_rel"].items(), key=lambda kv: kv[1])
     assert worst[1] < REL_TOL, worst
     assert len(m["grad_rel"]) == m["n_params"]
+
+
+def test_bf16_parameters_run_close_to_fp32_reference(measured):
+    m = measured["bf16"]
+    assert m["dtypes"] == ["torch.bfloat16"], m
+    assert abs(m["loss"] - m["hf_loss"]) < 2e-2 * m["hf_loss"], m
 
 
 def test_vision_features_equal_hf_for_several_sizes(measured):

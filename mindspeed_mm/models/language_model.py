@@ -18,7 +18,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
-from mindspeed_mm.models.layer_spec import transformer_layer_spec
+from mindspeed_mm.models.layer_spec import transformer_block_spec
 
 IGNORE_INDEX = -100
 
@@ -58,7 +58,7 @@ class Qwen2LanguageModel(GPTModel):
     def __init__(self, cfg: Qwen2VLConfig, config, pre_process: bool, post_process: bool):
         t = cfg.text
         super().__init__(
-            config, transformer_layer_spec(AttnMaskType.causal),
+            config, transformer_block_spec(config, AttnMaskType.causal),
             vocab_size=t.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=t.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             parallel_output=True, share_embeddings_and_output_weights=t.tie_word_embeddings,
@@ -92,5 +92,7 @@ class Qwen2LanguageModel(GPTModel):
         out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                               labels=labels, **kwargs)
         if self.post_process and labels is None:
-            mask_padded_vocab(out, self.real_vocab_size, self._tp_rank())  # logits [b, s, V/TP]
+            # logits [b, s, V/TP], or the whole padded vocabulary on every rank when gathered (inference)
+            gathered = kwargs.get("runtime_gather_output") and out.shape[-1] == self.vocab_size
+            mask_padded_vocab(out, self.real_vocab_size, 0 if gathered else self._tp_rank())
         return out

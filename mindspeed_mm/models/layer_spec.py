@@ -12,6 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mindspeed_mm.platform.attention import CoreAttention
@@ -43,3 +44,15 @@ def transformer_layer_spec(attn_mask_type: AttnMaskType = AttnMaskType.causal) -
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def transformer_block_spec(config,
+                           attn_mask_type: AttnMaskType = AttnMaskType.causal) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers plus the platform's final norm.
+
+    Given only a layer spec, megatron's TransformerBlock builds its final norm
+    from its own ``LayerNormImpl``, which refuses sequence parallelism and
+    misses the platform's kernels.
+    """
+    layers = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[transformer_layer_spec(attn_mask_type)] * layers, layer_norm=Norm)

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
 from mindspeed_mm.models.language_model import Qwen2LanguageModel, check_image_tokens
 from mindspeed_mm.models.parallel import ParallelSettings
@@ -101,6 +102,10 @@ class Qwen2VLModel(MegatronModule):
         attention_mask cover the whole sequence so far, and the logits are those of the last token,
         gathered over TP: [b, 1, V].
         """
+        tp = self.parallel.tensor_parallel
+        if self.parallel.sequence_parallel and input_ids.shape[1] % tp:
+            raise UserError(f"--sequence-parallel: sequence length {input_ids.shape[1]} is not a multiple of "
+                            f"--tensor-model-parallel-size {tp}; pad batches to a multiple of it")
         if position_ids is None:
             position_ids, _ = get_rope_index(
                 input_ids, image_grid_thw, attention_mask, spatial_merge_size=self.cfg.vision.spatial_merge_size,
