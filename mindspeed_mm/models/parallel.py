@@ -25,9 +25,10 @@ def check_stage_layers(stage_layers: Sequence[int], num_layers: int) -> List[int
 
 
 def megatron_layout(stage_layers: Sequence[int]) -> List[List[str]]:
-    """megatron-core ``pipeline_model_parallel_layout``: 'E' embedding, 't' layer, 'L' loss, per stage."""
+    """megatron-core ``pipeline_model_parallel_layout``: embedding, decoder layers, loss, per stage."""
     last = len(stage_layers) - 1
-    return [(["E"] if i == 0 else []) + ["t"] * n + (["L"] if i == last else [])
+    # Full LayerType names: megatron lower-cases list entries and looks them up by name.
+    return [(["embedding"] if i == 0 else []) + ["decoder"] * n + (["loss"] if i == last else [])
             for i, n in enumerate(stage_layers)]
 
 
