@@ -81,6 +81,3 @@ class VisionEncoder(MegatronModule):
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
         x = self.blocks(x[:, None], attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed)
         return x[:, 0]  # [n_patches, hidden]
-
-    def set_input_tensor(self, input_tensor):  # the ViT is whole on the first stage: nothing comes in
-        pass
