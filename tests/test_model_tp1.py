@@ -52,7 +52,8 @@ def _loss_and_grads(hf, recompute):
     ref.loss.backward()
     model = build_our_model(hf, **recompute).train()  # megatron recomputes only in training mode (dropout 0)
     calls = {"llm": 0, "vit": 0}  # core-attention runs per step: 2 when recomputed in backward
-    for key, layer in (("llm", model.language_model.decoder.layers[0]), ("vit", model.vision_encoder.blocks.layers[0])):
+    first_layers = {"llm": model.language_model.decoder.layers[0], "vit": model.vision_encoder.blocks.layers[0]}
+    for key, layer in first_layers.items():
         layer.self_attention.core_attention.register_forward_hook(
             lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
     labels = shift_labels(batch["labels"])

@@ -55,4 +55,5 @@ def transformer_block_spec(config,
     misses the platform's kernels.
     """
     layers = get_num_layers_to_build(config)
-    return TransformerBlockSubmodules(layer_specs=[transformer_layer_spec(attn_mask_type)] * layers, layer_norm=Norm)
+    layer = transformer_layer_spec(attn_mask_type)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=Norm)

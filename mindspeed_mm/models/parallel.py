@@ -57,7 +57,8 @@ class ParallelSettings:
         if self.tensor_parallel < 1:
             raise UserError(f"--tensor-model-parallel-size must be >= 1, got {self.tensor_parallel}")
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
-            raise UserError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+            raise UserError(f"--recompute-granularity must be full or selective, "
+                            f"got {self.recompute_granularity!r}")
         if self.recompute_method not in RECOMPUTE_METHODS:
             raise UserError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
         if self.recompute_granularity == "full" and (self.recompute_method is None
