@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take the schedule from these flags instead of the checkpoint")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--adam-beta1", type=float, default=0.9)

@@ -180,9 +180,10 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, args) -> dict:
         if "optimizer" not in state:
             raise UserError(f"{path_file}: saved without optimizer state (--no-save-optim); "
                             f"resume with --no-load-optim or use --finetune")
-        optimizer.load_state_dict(state["optimizer"])
-        if args.use_distributed_optimizer:
-            optimizer.load_parameter_state(os.path.join(path, OPTIM_FILE))
+        with torch.no_grad():  # fp32 main params can be views of the model's leaf parameters
+            optimizer.load_state_dict(state["optimizer"])
+            if args.use_distributed_optimizer:
+                _load_parameter_state(optimizer, os.path.join(path, OPTIM_FILE))
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if not args.no_load_rng:
         if "rng_state" not in state:
@@ -192,6 +193,33 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, args) -> dict:
     train_state = dict(state["train_state"])
     train_state["iteration"] = state["iteration"]
     return train_state
+
+
+def _load_parameter_state(optimizer, filename: str) -> None:
+    """The distributed optimizer's parameter state (collective over data-parallel ranks).
+
+    With torch's Adam (no TransformerEngine / apex, e.g. on the CPU) megatron-core 0.16
+    keeps a per-parameter 'step' that its saved parameter state lacks, and fails on the
+    missing key; 'step' was already restored by load_state_dict, so keep it (unshared).
+    """
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in inner:
+        # load_state_dict gave every parameter the *same* 'step' tensor, which torch's Adam
+        # then increments once per parameter: give each its own.
+        for param_state in opt.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+
+        def set_states(model_param, tensors, opt=opt, original=opt._set_main_param_and_optimizer_states):
+            current = opt._get_main_param_and_optimizer_states(model_param)
+            original(model_param, {**current, **tensors})
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        optimizer.load_parameter_state(filename)
+    finally:
+        for opt in inner:
+            del opt._set_main_param_and_optimizer_states
 
 
 def _load_model_state(model, saved: dict, source: str) -> None:
