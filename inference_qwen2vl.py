@@ -1,0 +1,15 @@
+"""Chat with a Qwen2-VL checkpoint or run it over a file (launched by examples/qwen2vl/inference_qwen2vl_*.sh).
+
+    python inference_qwen2vl.py --load CKPT --tokenizer-path HF_DIR --image a.jpg --prompt "Describe it."
+    python inference_qwen2vl.py --load CKPT --tokenizer-path HF_DIR --input eval.json --output answers.jsonl
+
+All flags: ``python inference_qwen2vl.py --help``; the code is mindspeed_mm/inference/.
+"""
+import sys
+
+from mindspeed_mm.errors import cli_main
+from mindspeed_mm.inference.main import main
+
+if __name__ == "__main__":
+    cli_main(main)()
+    sys.exit(0)

@@ -1,0 +1,203 @@
+"""Inference flags and the inference JSON (examples/qwen2vl/inference_qwen2vl_*.json).
+
+The JSON holds the defaults of a launcher (checkpoint, tokenizer folder,
+generation settings) under the flags' names in snake_case; a flag given on
+the command line wins over the JSON, the JSON over the built-in default:
+
+    {"load": "ckpt/mm_path/Qwen2-VL-7B-Instruct", "mm_model": null,
+     "tokenizer_path": "ckpt/hf_path/Qwen2-VL-7B-Instruct",
+     "generation": {"max_new_tokens": 512, "do_sample": false, "temperature": 1.0, "top_k": 0,
+                    "top_p": 1.0, "repetition_penalty": 1.0, "stop_token_ids": [151645, 151643]}}
+"""
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+from mindspeed_mm.data.jsonio import load_json
+from mindspeed_mm.errors import UserError
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 512
+    do_sample: bool = False  # greedy unless asked
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    repetition_penalty: float = 1.0  # HF's rule, over the prompt and the generated tokens
+    stop_token_ids: Optional[List[int]] = None  # None: the tokenizer's <|im_end|> and <|endoftext|>
+    seed: int = 1234  # sampling only: the same seed gives the same tokens
+
+    def validate(self, source: str = "generation") -> None:
+        def bad(key, why):
+            raise UserError(f"{source}.{key} = {getattr(self, key)!r}: {why}")
+
+        if self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be at least 1")
+        if self.temperature <= 0:
+            bad("temperature", "must be > 0 (use do_sample false for greedy decoding)")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0 (1.0 turns it off)")
+        if self.stop_token_ids is not None and not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of token ids")
+
+
+@dataclass
+class InferenceArgs:
+    load: str = None
+    iteration: Optional[int] = None
+    mm_model: Optional[str] = None
+    tokenizer_path: str = None
+    tensor_model_parallel_size: int = 1
+    device: Optional[str] = None
+    params_dtype: Optional[str] = None  # None: the checkpoint's model.json dtype
+    min_pixels: Optional[int] = None  # None: the image processor folder's own setting
+    max_pixels: Optional[int] = None
+    # one conversation
+    prompt: Optional[str] = None
+    image: List[str] = field(default_factory=list)
+    system: Optional[str] = None  # None: the chat template's default system turn
+    output_json: Optional[str] = None
+    stream: bool = True
+    # a whole file
+    input: Optional[str] = None
+    output: Optional[str] = None
+    batch_size: int = 1
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    @property
+    def single(self) -> bool:
+        return self.input is None
+
+
+_GENERATION_FLAGS = {f.name for f in fields(GenerationSettings)}
+_JSON_KEYS = {f.name for f in fields(InferenceArgs)} - {"prompt", "image", "input", "output", "output_json"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inference_qwen2vl.py", argument_default=argparse.SUPPRESS,
+        description="Chat with a Qwen2-VL checkpoint (one prompt) or run it over an MLLM-format file.")
+    p.add_argument("--config", help="inference JSON with defaults for the flags below (flags win)")
+    g = p.add_argument_group("model")
+    g.add_argument("--load", help="checkpoint directory (converted 'release' or a training save dir)")
+    g.add_argument("--iteration", type=int, help="load iter_N instead of the tracker's latest")
+    g.add_argument("--mm-model", dest="mm_model", help="model JSON (default: the checkpoint's model.json)")
+    g.add_argument("--tokenizer-path", dest="tokenizer_path",
+                   help="HF folder with the tokenizer, chat template and image processor")
+    g.add_argument("--tensor-model-parallel-size", dest="tensor_model_parallel_size", type=int)
+    g.add_argument("--device", choices=("auto", "npu", "cuda", "cpu"))
+    g.add_argument("--params-dtype", dest="params_dtype", choices=DTYPES,
+                   help="compute dtype (default: the model JSON's dtype)")
+    g.add_argument("--min-pixels", dest="min_pixels", type=int, help="image processor min_pixels")
+    g.add_argument("--max-pixels", dest="max_pixels", type=int, help="image processor max_pixels")
+    g = p.add_argument_group("one conversation")
+    g.add_argument("--prompt", help="the user's text")
+    g.add_argument("--image", action="append", help="an image of the user turn (repeatable, placed before "
+                                                    "the text in the given order)")
+    g.add_argument("--system", help="system turn (default: the chat template's 'You are a helpful assistant.')")
+    g.add_argument("--output-json", dest="output_json",
+                   help="write {'response', 'token_ids'} of the answer to this file")
+    g.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer only when done")
+    g = p.add_argument_group("a whole file")
+    g.add_argument("--input", help="MLLM-format JSON (as the data converter writes); the last assistant "
+                                   "turn, if any, is the reference")
+    g.add_argument("--output", help="JSONL with one line per sample")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="prompts decoded together (default 1)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    g.add_argument("--do-sample", dest="do_sample", action=argparse.BooleanOptionalAction,
+                   help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", dest="top_k", type=int)
+    g.add_argument("--top-p", dest="top_p", type=float)
+    g.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
+    g.add_argument("--stop-token-ids", dest="stop_token_ids", type=int, nargs="*",
+                   help="generation stops at any of these ids (default: the tokenizer's <|im_end|>, "
+                        "<|endoftext|>)")
+    g.add_argument("--seed", type=int)
+    return p
+
+
+def _from_json(path: str) -> dict:
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    for key in data:
+        if key not in _JSON_KEYS:
+            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(_JSON_KEYS))})")
+    gen = data.get("generation") or {}
+    if not isinstance(gen, dict):
+        raise UserError(f"{path}: 'generation' must be an object")
+    for key in gen:
+        if key not in _GENERATION_FLAGS:
+            raise UserError(f"{path}: unknown key 'generation.{key}'")
+    return data
+
+
+def _check_type(source: str, key: str, value, default) -> None:
+    if value is None or default is None or isinstance(default, list):
+        return
+    kind = {bool: bool, int: int, float: (int, float), str: str}[type(default)]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{source}: '{key}' must be {type(default).__name__}, got {value!r}")
+
+
+def parse_args(argv=None) -> InferenceArgs:
+    flags = vars(build_parser().parse_args(argv))
+    config_path = flags.pop("config", None)
+    data = _from_json(config_path) if config_path else {}
+    source = config_path or "flags"
+
+    gen_defaults = GenerationSettings()
+    gen = {}
+    for f in fields(GenerationSettings):
+        value = flags.pop(f.name) if f.name in flags else (data.get("generation") or {}).get(
+            f.name, getattr(gen_defaults, f.name))
+        _check_type(f"{source}: generation", f.name, value, getattr(gen_defaults, f.name))
+        gen[f.name] = value
+    args = InferenceArgs(generation=GenerationSettings(**gen))
+    for f in fields(InferenceArgs):
+        if f.name == "generation":
+            continue
+        if f.name in flags:
+            setattr(args, f.name, flags[f.name])
+        elif f.name in data:
+            _check_type(source, f.name, data[f.name], getattr(args, f.name))
+            setattr(args, f.name, data[f.name])
+    validate(args, source)
+    return args
+
+
+def validate(args: InferenceArgs, source: str = "flags") -> None:
+    if not args.load:
+        raise UserError("--load: the checkpoint directory is required")
+    if not args.tokenizer_path:
+        raise UserError("--tokenizer-path: the HF folder with tokenizer and image processor is required")
+    if (args.prompt is None) == (args.input is None):
+        raise UserError("give either --prompt (one conversation) or --input FILE (a whole file)")
+    if args.input is not None:
+        if not args.output:
+            raise UserError("--input needs --output FILE.jsonl")
+        if args.image or args.output_json:
+            raise UserError("--image and --output-json belong to a single --prompt, not to --input")
+    elif args.output:
+        raise UserError("--output belongs to --input; for one prompt use --output-json")
+    if args.tensor_model_parallel_size < 1:
+        raise UserError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size}: must be >= 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.params_dtype is not None and args.params_dtype not in DTYPES:
+        raise UserError(f"{source}: params_dtype must be one of {', '.join(DTYPES)}")
+    for path, flag in ((args.load, "--load"), (args.tokenizer_path, "--tokenizer-path")):
+        if not os.path.isdir(path):
+            raise UserError(f"{flag} {path}: directory not found")
+    args.generation.validate(f"{source}: generation" if source != "flags" else "generation")

@@ -1,0 +1,156 @@
+"""Incremental decoding with a KV cache: megatron-core's static-batching inference context.
+
+One prefill pass runs the prompts (left-padded to one length, images
+included); each decode step then runs only the newest token per sample,
+attending to the keys and values cached by megatron's attention layers
+(``StaticInferenceContext``: per-layer buffers [max_len, b, kv_heads*hd]).
+
+Two things are specific to Qwen2-VL:
+
+* M-RoPE decoding positions follow HF's ``rope_deltas`` rule: the prompt's
+  3-D positions come from ``get_rope_index``; the k-th generated token of a
+  sample (k = 0, 1, ...) sits at ``real_prompt_length + k + rope_delta`` on
+  all three axes, which continues right after the largest prompt position.
+* megatron's static cache stores keys before rotation and rotates the whole
+  cached prefix with ``position_ids[:, :, :end]`` at every step, so the
+  positions of the whole sequence so far are passed each step, as is the
+  padding mask (left padding stays masked for every later token).
+
+Logits come back gathered over TP with the padded vocabulary columns at
+-inf; every TP rank picks the same token (the TP source rank's choice is
+broadcast, which also keeps sampling identical).
+"""
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from mindspeed_mm.inference.arguments import GenerationSettings
+from mindspeed_mm.inference.prompts import PromptBatch
+from mindspeed_mm.inference.sampling import next_tokens
+from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.rope_index import get_rope_index
+
+
+@dataclass
+class GenerationStats:
+    batch_size: int = 0
+    prompt_tokens: int = 0  # padded prompt length
+    new_tokens: int = 0  # decode steps run (the longest answer)
+    prefill_seconds: float = 0.0  # prompt pass, first token included
+    decode_seconds: float = 0.0  # every later token
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = (self.new_tokens - 1) * self.batch_size
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):
+    """ids [b, s] and attention_mask [b, s] (1 = token), padding on the left like HF's generate."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        ids[b, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[b, length - len(seq):] = 1
+    return ids, mask
+
+
+class Generator:
+    """Generates for batches of prompts with the whole (TP-sharded) model on this rank."""
+
+    def __init__(self, model, cfg: Qwen2VLConfig, settings: GenerationSettings, stop_ids: Sequence[int],
+                 pad_id: int, max_length: Optional[int] = None):
+        self.model, self.cfg, self.settings = model, cfg, settings
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+        self.max_length = max_length or cfg.text.max_position_embeddings
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(settings.seed)
+        self.stats = GenerationStats()
+
+    def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grid: Optional[torch.Tensor]):
+        """Prompt positions [3, b, s] and each sample's first decoding position [b]."""
+        c = self.cfg
+        positions, deltas = get_rope_index(
+            ids, grid, mask, spatial_merge_size=c.vision.spatial_merge_size, image_token_id=c.image_token_id,
+            video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id)
+        return positions, mask.sum(1) + deltas[:, 0]
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch,
+                 on_tokens: Optional[Callable[[List[int], List[bool]], None]] = None) -> List[List[int]]:
+        """Generated ids per prompt (prompt excluded, the stop id included when produced).
+
+        ``on_tokens(tokens, finished)`` is called after every step with the new id of each sample
+        (the pad id for samples already finished) and whether each sample has finished.
+        """
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        ids, prompt_mask = left_pad(batch.input_ids, self.pad_id)
+        grid = batch.image_grid_thw
+        prompt_positions, first_position = self._positions(ids, prompt_mask, grid)
+        b, s = ids.shape
+        longest = int(prompt_mask.sum(1).max())
+        new_tokens = min(self.settings.max_new_tokens, self.max_length - longest)
+        total = s + new_tokens
+
+        dev = self.device
+        mask = torch.zeros(b, total, dtype=torch.long, device=dev)  # [b, s + new]: 1 = attend
+        mask[:, :s] = prompt_mask
+        positions = torch.zeros(3, b, total, dtype=torch.long, device=dev)  # [3, b, s + new]
+        positions[:, :, :s] = prompt_positions
+        first_position = first_position.to(dev)
+        history = ids.to(dev)  # [b, s + step]: every id so far, for the repetition penalty
+        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=dev)
+        pixels = None if batch.pixel_values is None else batch.pixel_values.to(dev, self.dtype)
+        grid = None if grid is None else grid.to(dev)
+
+        context = StaticInferenceContext(b, total)
+        finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        answers: List[List[int]] = [[] for _ in range(b)]
+        tokens = history
+        start = time.perf_counter()
+        self.stats = GenerationStats(batch_size=b, prompt_tokens=s)
+        for step in range(new_tokens):
+            end = s + step  # tokens in the cache once this step's input is in
+            images = (pixels, grid) if step == 0 else (None, None)
+            logits = self.model(tokens, positions[:, :, :end], mask[:, :end], *images,
+                                inference_context=context)
+            context.sequence_len_offset = end
+            context.enable_decode_mode()
+            # logits [b, 1, padded V] -> [b, V]
+            token = next_tokens(logits[:, -1, :self.cfg.text.vocab_size].float(), history, self.settings,
+                                self.generator)
+            token = self._same_on_tp_ranks(token)
+            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
+            for i, t in enumerate(token.tolist()):
+                if not finished[i]:
+                    answers[i].append(t)
+            finished |= torch.isin(token, stop)
+            self.stats.new_tokens = step + 1
+            if step == 0:
+                self.stats.prefill_seconds = time.perf_counter() - start
+            if on_tokens is not None:
+                on_tokens(token.tolist(), finished.tolist())
+            if bool(finished.all()):
+                break
+            mask[:, end] = 1  # the new token goes to index end
+            positions[:, :, end] = (first_position + step)[None, :]
+            tokens = token[:, None]
+            history = torch.cat([history, tokens], dim=1)
+        self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds
+        return answers
+
+    @staticmethod
+    def _same_on_tp_ranks(token: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state
+
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(token, parallel_state.get_tensor_model_parallel_src_rank(),
+                                        group=parallel_state.get_tensor_model_parallel_group())
+        return token
