@@ -1,0 +1,84 @@
+"""Training flags: Megatron names, later flags win, guide-only flags ignored with one warning,
+impossible combinations stop with a one-line error before any process group exists."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.training.arguments import parse_args, validate
+from mindspeed_mm.training.flops import BatchShape, forward_flops, train_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "10", "--seq-length", "64"]
+
+
+def _cfg():
+    return Qwen2VLConfig.load(os.path.join(ROOT, "examples", "qwen2vl", "model_7b.json"))
+
+
+def _validated(extra, world=8):
+    args = parse_args(BASE + extra)
+    validate(args, _cfg(), world)
+    return args
+
+
+def test_derived_values_and_later_flags_win():
+    args = _validated(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4",
+                       "--pipeline-num-layers", "0,10,10,8", "--micro-batch-size", "1", "--global-batch-size", "8",
+                       "--bf16", "--fp32", "--train-iters", "20"])
+    assert args.data_parallel_size == 1 and args.num_microbatches == 8
+    assert args.stage_layers == [0, 10, 10, 8]
+    assert args.precision == "fp32" and args.train_iters == 20  # the last occurrence wins
+    args = _validated(["--pipeline-model-parallel-size", "4", "--pipeline-layer-index", "0,0,10,20"], world=4)
+    assert args.stage_layers == [0, 10, 10, 8]
+
+
+def test_guide_only_flags_are_ignored_with_one_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = parse_args(BASE + ["--use-mcore-models", "--tokenizer-type", "NullTokenizer", "--swiglu",
+                                  "--normalization", "RMSNorm", "--mm-tool", "tools.json"])
+    assert len(caught) == 1 and "--tokenizer-type" in str(caught[0].message)
+    assert args.ignored_flags == ["--mm-tool", "--normalization", "--swiglu", "--tokenizer-type",
+                                  "--use-mcore-models"]
+
+
+@pytest.mark.parametrize("extra, world, needle", [
+    (["--global-batch-size", "6", "--micro-batch-size", "1"], 8, "--global-batch-size 6"),
+    (["--tensor-model-parallel-size", "3"], 3, "does not divide text.num_attention_heads"),
+    (["--pipeline-model-parallel-size", "4", "--pipeline-num-layers", "0,10,18"], 4, "has 3 stages"),
+    (["--pipeline-model-parallel-size", "4", "--pipeline-num-layers", "1,10,10,8"], 4, "summing to"),
+    (["--pipeline-model-parallel-size", "3"], 3, "does not divide the 28 LLM layers"),
+    (["--tensor-model-parallel-size", "3"], 8, "world size 8 is not divisible"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], 8, "mutually exclusive"),
+    (["--min-lr", "1", "--lr", "0.1"], 8, "--min-lr"),
+    (["--save-interval", "5"], 8, "--save-interval needs --save"),
+    (["--context-parallel-size", "2"], 8, "context parallelism"),
+])
+def test_impossible_combinations_are_one_line_errors(extra, world, needle):
+    with pytest.raises(UserError) as err:
+        _validated(extra, world)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_flag_is_a_one_line_cli_error():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_qwen2vl.py"), *BASE, "--bogus-flag"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unrecognized arguments: --bogus-flag"]
+
+
+def test_flops_count_real_tokens_and_frozen_parts():
+    cfg = _cfg()
+    short, long = BatchShape([100], [[1, 8, 8]]), BatchShape([200], [[1, 8, 8]])
+    f_short, f_long = forward_flops(cfg, short, 152064), forward_flops(cfg, long, 152064)
+    assert f_short["vision"] == f_long["vision"] and f_long["language"] > 2 * f_short["language"] * 0.99
+    full = train_flops(cfg, short, 152064)
+    assert full == 3 * sum(f_short.values())
+    cfg.freeze_vision_encoder = True  # nothing upstream trainable: the ViT runs forward only
+    assert train_flops(cfg, short, 152064) == f_short["vision"] + 3 * (f_short["projector"] + f_short["language"])
