@@ -69,8 +69,7 @@ class Generator:
         self.max_length = max_length or cfg.text.max_position_embeddings
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(settings.seed)
+        self.generator = torch.Generator().manual_seed(settings.seed)  # CPU: see sampling.next_tokens
         self.stats = GenerationStats()
 
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grid: Optional[torch.Tensor]):

@@ -41,9 +41,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def next_tokens(logits: torch.Tensor, history: torch.Tensor, settings: GenerationSettings,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits [b, V] (float32, real vocabulary only), history [b, t] -> token ids [b]."""
+    """logits [b, V] (float32, real vocabulary only), history [b, t] -> token ids [b].
+
+    ``generator`` is a CPU generator (sampling only)."""
     logits = repetition_penalty(logits, history, settings.repetition_penalty)
     if not settings.do_sample:
         return logits.argmax(-1)
     logits = top_p_filter(top_k_filter(logits / settings.temperature, settings.top_k), settings.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    # The draw on the CPU: a CPU generator exists on every platform and repeats across devices.
+    probs = logits.softmax(-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
