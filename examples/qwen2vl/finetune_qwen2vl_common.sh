@@ -2,15 +2,7 @@
 # GPT_ARGS / MM_ARGS / OUTPUT_ARGS and the torchrun launch.  Every variable is
 # overridable from the environment; arguments given to the launcher ("$@") are
 # appended last and win over the ones here.
-set -eo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-
-# Ascend toolkit when present (NPU machines); nothing to do elsewhere.
-if [ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ]; then
-    source /usr/local/Ascend/ascend-toolkit/set_env.sh
-fi
-export CUDA_DEVICE_MAX_CONNECTIONS=1
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/launcher_env.sh"  # set -e, Ascend env when present, ROOT, PYTHONPATH
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
