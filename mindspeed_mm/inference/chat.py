@@ -21,9 +21,9 @@ def run_chat(generator: Generator, builder: PromptBuilder, prompt: Prompt, token
         else:
             print(result["response"], flush=True)
         stats = generator.stats
+        speed = f", decode {stats.decode_tokens_per_second:.1f} tokens/s" if stats.new_tokens > 1 else ""
         print(f"[{len(token_ids)} new tokens after a {len(prompt.input_ids)}-token prompt; prefill "
-              f"{stats.prefill_seconds:.2f}s, decode {stats.decode_tokens_per_second:.1f} tokens/s]",
-              file=sys.stderr)
+              f"{stats.prefill_seconds:.2f}s{speed}]", file=sys.stderr)
         if output_json:
             write_json_atomic(output_json, result)
     return result

@@ -127,9 +127,9 @@ class Generator:
                                 self.generator)
             token = self._same_on_tp_ranks(token)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
-            for i, t in enumerate(token.tolist()):
-                if not finished[i]:
-                    answers[i].append(t)
+            for answer, t, done in zip(answers, token.tolist(), finished.tolist()):
+                if not done:
+                    answer.append(t)
             finished |= torch.isin(token, stop)
             self.stats.new_tokens = step + 1
             if step == 0:
