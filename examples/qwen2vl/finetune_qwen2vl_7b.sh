@@ -8,7 +8,7 @@
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MM_DATA=${MM_DATA:-./examples/qwen2vl/data.json}
 MM_MODEL=${MM_MODEL:-./examples/qwen2vl/model_7b.json}   # or a converted checkpoint's model.json
-LOAD_PATH=${LOAD_PATH-ckpt/mm_path/Qwen2-VL-7B-Instruct}
+LOAD_PATH=${LOAD_PATH-ckpt/Qwen2-VL-7B-Instruct}   # written by modelconvert.sh
 SAVE_PATH=${SAVE_PATH:-save_dir}
 
 TP=${TP:-1}

@@ -4,7 +4,7 @@ The JSON holds the defaults of a launcher (checkpoint, tokenizer folder,
 generation settings) under the flags' names in snake_case; a flag given on
 the command line wins over the JSON, the JSON over the built-in default:
 
-    {"load": "ckpt/mm_path/Qwen2-VL-7B-Instruct", "mm_model": null,
+    {"load": "ckpt/Qwen2-VL-7B-Instruct", "mm_model": null,
      "tokenizer_path": "ckpt/hf_path/Qwen2-VL-7B-Instruct",
      "generation": {"max_new_tokens": 512, "do_sample": false, "temperature": 1.0, "top_k": 0,
                     "top_p": 1.0, "repetition_penalty": 1.0, "stop_token_ids": [151645, 151643]}}
