@@ -17,9 +17,11 @@ from typing import Callable, List, Mapping, Optional, Sequence
 
 import torch
 
+from checkpoint.copy_plan import OpenFiles, rank_specs
 from checkpoint.hf_io import HFCheckpoint, copy_hf_side_files, read_hf_config, write_hf_shards
 from checkpoint.mapping import HFToOurs, OursToHF, check_hf_keys
-from checkpoint.megatron_io import find_layout, load_rank, rank_file, save_rank, stage_layers_of, write_tracker
+from checkpoint.megatron_io import (find_layout, load_rank, rank_file, save_rank, save_rank_streamed,
+                                   stage_layers_of, write_tracker)
 from checkpoint.parallel import MergedView, shard_state, stage_layer_counts, stage_names
 from checkpoint.staging import check_save_dir, staged_dir
 from mindspeed_mm.errors import UserError
@@ -70,17 +72,24 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
 
     pp = len(stage_layers)
     names = [stage_names(cfg, stage_layers, p) for p in range(pp)]
+    # Byte copies straight from the safetensors files unless a dtype cast needs the tensors in memory.
+    streamed = cast is None or set(hf.dtypes.values()) == {cast}
     summary = Summary(save_dir, parameters=sum(_numel(s) for s in hf.shapes.values()))
-    with staged_dir(save_dir) as tmp, _progress(sum(map(len, names)) * tp, progress) as tick:
+    with staged_dir(save_dir) as tmp, _progress(sum(map(len, names)) * tp, progress) as tick, \
+            OpenFiles() as files:
         ours = _Tapped(HFToOurs(hf, cfg), cast, tick)
         for p in range(pp):
-            for t in range(tp):  # one rank file in memory at a time
-                state = shard_state(ours, cfg, tp, t, stage_layers, p)
+            for t in range(tp):  # one rank file at a time
                 path = rank_file(tmp, "release", t, p, pp)
-                summary.bytes_written += save_rank(path, state)
-                summary.tensors += len(state)
+                specs = rank_specs(hf, cfg, names[p], tp, t, files, tick) if streamed else None
+                if specs is not None:
+                    summary.bytes_written += save_rank_streamed(path, specs)
+                else:
+                    state = shard_state(ours, cfg, tp, t, stage_layers, p)
+                    summary.bytes_written += save_rank(path, state)
+                    del state
+                summary.tensors += len(names[p])
                 summary.files.append(os.path.relpath(path, tmp))
-                del state
         write_tracker(tmp, "release")
         cfg.save(os.path.join(tmp, "model.json"))
         summary.files += ["latest_checkpointed_iteration.txt", "model.json"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -22,7 +23,8 @@ from mindspeed_mm.models.config import Qwen2VLConfig
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
 
 
 def read_hf_config(hf_dir: str) -> Tuple[dict, Qwen2VLConfig]:
@@ -49,15 +51,17 @@ class HFCheckpoint(Mapping):
         self.raw_config, self.cfg = read_hf_config(hf_dir)
         self.files = self._weight_files()
         self._where: Dict[str, Tuple[str, str]] = {}  # hub name -> (file, name in the file)
+        self._offsets: Dict[str, int] = {}  # hub name -> offset of its bytes in the file
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.dtypes: Dict[str, torch.dtype] = {}
         for file in self.files:
             path = os.path.join(hf_dir, file)
-            for name, shape, dtype in _scan_header(path):
+            for name, shape, dtype, offset in _scan_header(path):
                 key = hub_key(name)
                 if key in self._where:
                     raise UserError(f"{path}: {name} is also in {self._where[key][0]} (as {key})")
                 self._where[key] = (path, name)
+                self._offsets[key] = offset
                 self.shapes[key] = shape
                 self.dtypes[key] = dtype
 
@@ -84,6 +88,10 @@ class HFCheckpoint(Mapping):
         with safe_open(path, "pt") as f:
             return f.get_tensor(name)
 
+    def location(self, key: str) -> Tuple[str, int]:
+        """(file, byte offset) of a tensor's data, for copying it without loading it."""
+        return self._where[key][0], self._offsets[key]
+
     def __iter__(self):
         return iter(self._where)
 
@@ -91,17 +99,22 @@ class HFCheckpoint(Mapping):
         return len(self._where)
 
 
-def _scan_header(path: str) -> List[Tuple[str, Tuple[int, ...], torch.dtype]]:
-    """(name, shape, dtype) of every tensor of a safetensors file, from its header only."""
+def _scan_header(path: str) -> List[Tuple[str, Tuple[int, ...], torch.dtype, int]]:
+    """(name, shape, dtype, absolute data offset) of every tensor of a safetensors file, from its header."""
     try:
-        with safe_open(path, "pt") as f:
-            out = []
-            for name in f.keys():
-                sl = f.get_slice(name)
-                out.append((name, tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), sl.get_dtype())))
-            return out
-    except Exception as exc:  # safetensors raises its own error types for bad files
-        raise UserError(f"{path}: cannot read safetensors ({str(exc).splitlines()[0]})") from None
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        out = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, _ = info["data_offsets"]
+            out.append((name, tuple(info["shape"]), _DTYPES.get(info["dtype"], info["dtype"]), 8 + size + begin))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise UserError(f"{path}: cannot read the safetensors header ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], torch.Tensor],

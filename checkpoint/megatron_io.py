@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.utils.serialization
 
+from checkpoint import torch_zip
+from checkpoint.torch_zip import TensorSpec
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.training.checkpointing import (CHECKPOINT_VERSION, MODEL_FILE, TRACKER, iteration_dir,
                                                  rank_dir, read_tracker)
@@ -34,6 +36,12 @@ def save_rank(path: str, model_state: Dict[str, torch.Tensor], iteration=0) -> i
     with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
         torch.save({"model": model_state, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, path)
     return os.path.getsize(path)
+
+
+def save_rank_streamed(path: str, specs: Dict[str, TensorSpec], iteration=0) -> int:
+    """As :func:`save_rank`, each tensor's bytes written by its spec (see checkpoint/torch_zip.py)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return torch_zip.write(path, {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, specs)
 
 
 def write_tracker(root: str, iteration) -> None:

@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 # Runs in a child process so its peak RSS is the conversion's own.
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 from checkpoint.convert import convert_hf_to_mm, convert_mm_to_hf
 start = time.time()
@@ -34,8 +34,9 @@ if sys.argv[1] == "to_mm":
     s = convert_hf_to_mm(progress=False, **kwargs)
 else:
     s = convert_mm_to_hf(progress=False, **kwargs)
-print(json.dumps({{"seconds": time.time() - start, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "summary": str(s)}}))
+# VmHWM: this process image's own peak (ru_maxrss would include the parent's memory inherited by fork)
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({{"seconds": time.time() - start, "max_rss": hwm, "summary": str(s)}}))
 """
 
 

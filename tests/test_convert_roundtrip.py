@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 
 from checkpoint import convert
 from checkpoint.convert import convert_hf_to_mm, convert_mm_to_hf
-from checkpoint.mapping import hub_key
+from checkpoint.hf_io import HFCheckpoint
+from checkpoint.mapping import hf_to_mm, hub_key
+from checkpoint.parallel import shard_state
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
 from scripts.make_tiny_qwen2vl import make_image_processor, make_tokenizer
@@ -105,6 +107,26 @@ def test_round_trip_is_bit_identical(hf_dirs, tmp_path, tied, internal, tp, laye
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(original)
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f or ".old-" in f]
+
+
+@pytest.mark.parametrize("tied,internal", [(True, True), (False, True)])
+def test_byte_copies_equal_the_mapping_in_memory(hf_dirs, tmp_path, tied, internal):
+    """The kernel-copy path (checkpoint/copy_plan.py) writes exactly what hf_to_mm + shard_state compute."""
+    src = hf_dirs[(tied, internal)]
+    stage_layers, tp = [0, 2, 1], 2
+    convert_hf_to_mm(str(src), str(tmp_path / "mm"), tensor_parallel_size=tp, pipeline_num_layers=stage_layers,
+                     progress=False)
+    hf = HFCheckpoint(str(src))
+    full = hf_to_mm(hf, hf.cfg)
+    for p in range(len(stage_layers)):
+        for t in range(tp):
+            want = shard_state(full, hf.cfg, tp, t, stage_layers, p)
+            path = tmp_path / "mm" / "release" / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt"
+            for kwargs in (dict(mmap=True), dict(weights_only=True)):
+                got = torch.load(path, **kwargs)["model"]
+                assert list(got) == list(want)
+                for k in want:
+                    assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (p, t, k)
 
 
 def _pp_tp(rank_dir):
@@ -234,15 +256,15 @@ def test_overwrite_and_interrupted_conversion(hf_dirs, tmp_path, monkeypatch):
 
     written = []
 
-    def failing_save(path, state, iteration=0):  # the disk fills up after the first rank file
+    real_save = convert.save_rank_streamed
+
+    def failing_save(path, specs, iteration=0):  # the disk fills up after the first rank file
         if written:
             raise OSError(28, "No space left on device")
         written.append(path)
-        os.makedirs(os.path.dirname(path))
-        torch.save({"model": state}, path)
-        return 1
+        return real_save(path, specs, iteration)
 
-    monkeypatch.setattr(convert, "save_rank", failing_save)
+    monkeypatch.setattr(convert, "save_rank_streamed", failing_save)
     with pytest.raises(OSError):
         convert_hf_to_mm(str(src), str(tmp_path / "new"), tensor_parallel_size=2, progress=False)
     assert written and not os.path.exists(written[0])

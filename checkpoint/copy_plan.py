@@ -1,0 +1,168 @@
+"""Each rank tensor as byte ranges of the HF safetensors files, copied in the kernel.
+
+Every transform in the mapping table (q/k/v grouping, ViT qkv per head, gate/up,
+vocabulary padding) and every TP split except the row-parallel one only moves
+whole rows.  Running the table's own transforms and splits on tensors of row
+ids (1 + row number over the row's HF inputs; 0 = a padding row of zeros)
+therefore yields, for each rank tensor, which source rows it is made of.
+Consecutive rows are merged into one range and copied with
+``os.copy_file_range`` (as ``cp`` does), so tensor data never passes through
+Python; row-parallel pieces (a column range of every row) are read as one
+range and their columns written in one piece.  Only used when no dtype
+cast is asked for; otherwise the in-memory path of checkpoint/convert.py runs.
+"""
+from __future__ import annotations
+
+import os
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from checkpoint.mapping import ROW, entries, split_kind
+from checkpoint.parallel import shard_tensor
+from checkpoint.torch_zip import TensorSpec
+from mindspeed_mm.models.config import Qwen2VLConfig
+
+# (source file or None for zeros, byte offset, byte count, None or (row bytes, column offset, column bytes)
+# when only a column range of every row is taken)
+Run = Tuple[Optional[str], int, int, Optional[Tuple[int, int, int]]]
+_ZEROS = bytes(1 << 22)
+
+
+def rank_specs(hf, cfg: Qwen2VLConfig, names: Sequence[Tuple[str, str]], tp_size: int, tp_rank: int,
+               files: "OpenFiles", tick: Callable[[], None]) -> Optional[Dict[str, TensorSpec]]:
+    """TensorSpecs for one rank's (local name, global source) list, or None if a tensor mixes dtypes."""
+    by_name = {e.ours: e for e in entries(cfg)}
+    specs = {}
+    for local, source in names:
+        e = by_name[source]
+        dtypes = {hf.dtypes[h] for h in e.hf}
+        if len(dtypes) != 1:
+            return None
+        dtype = dtypes.pop()
+        shape = shard_tensor(local, torch.empty(e.param.shape(cfg), device="meta"), cfg, tp_size, tp_rank).shape
+        runs = _runs(hf, cfg, e, local, tp_size, tp_rank, torch.empty((), dtype=dtype).element_size())
+        specs[local] = TensorSpec(dtype, shape, _filler(runs, files, tick))
+    return specs
+
+
+def _runs(hf, cfg, e, local: str, tp_size: int, tp_rank: int, itemsize: int) -> List[Run]:
+    shapes = [hf.shapes[h] for h in e.hf]
+    row_bytes = {_numel(s[1:]) * itemsize for s in shapes}
+    assert len(row_bytes) == 1, f"{e.ours}: HF inputs with different row sizes"
+    row_bytes = row_bytes.pop()
+    bases, ids, total = [], [], 0
+    for s in shapes:
+        bases.append(total)
+        ids.append(torch.arange(total + 1, total + 1 + s[0]))
+        total += s[0]
+    rows = e.param.transform.to_ours(ids, cfg).reshape(-1)
+    if split_kind(local) != ROW or tp_size == 1:
+        return _merge(shard_tensor(local, rows, cfg, tp_size, tp_rank), bases, [hf.location(h) for h in e.hf],
+                      row_bytes)
+    part = row_bytes // tp_size  # row parallel: this rank's column range of every row
+    return [(path, offset, count, (row_bytes, tp_rank * part, part))
+            for path, offset, count, _ in _merge(rows, bases, [hf.location(h) for h in e.hf], row_bytes)]
+
+
+def _merge(rows: torch.Tensor, bases: List[int], locations: List[Tuple[str, int]], row_bytes: int) -> List[Run]:
+    """Byte ranges for ``rows`` (row ids), consecutive rows of one source merged into one range."""
+    if rows.numel() == 0:
+        return []
+    source = torch.zeros_like(rows)  # which HF input each row comes from (at most three inputs)
+    for base in bases[1:]:
+        source += rows - 1 >= base
+    zero = rows == 0
+    follows = torch.zeros_like(zero)  # row i continues the range of row i-1
+    follows[1:] = (zero[1:] & zero[:-1]) | (~zero[1:] & ~zero[:-1] & (rows[1:] == rows[:-1] + 1)
+                                            & (source[1:] == source[:-1]))
+    starts = (~follows).nonzero().flatten().tolist()
+    runs: List[Run] = []
+    for start, end in zip(starts, starts[1:] + [rows.numel()]):
+        row, j = int(rows[start]), int(source[start])
+        if row == 0:
+            runs.append((None, 0, (end - start) * row_bytes, None))
+        else:
+            path, offset = locations[j]
+            runs.append((path, offset + (row - 1 - bases[j]) * row_bytes, (end - start) * row_bytes, None))
+    return runs
+
+
+class OpenFiles:
+    """Source files opened once per conversion (read-only file descriptors)."""
+
+    def __init__(self):
+        self.fds: Dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _filler(runs: List[Run], files: OpenFiles, tick: Callable[[], None]) -> Callable[[BinaryIO, int], None]:
+    def fill(out: BinaryIO, nbytes: int) -> None:
+        out.flush()
+        dst = out.fileno()
+        for path, offset, count, columns in runs:
+            if path is None:
+                while count:
+                    count -= os.write(dst, _ZEROS[:min(count, len(_ZEROS))])
+            elif columns is None:
+                _copy_range(files.fd(path), dst, offset, count)
+            else:
+                row_bytes, begin, width = columns
+                rows = np.frombuffer(_pread(files.fd(path), count, offset), np.uint8).reshape(-1, row_bytes)
+                _write_all(dst, np.ascontiguousarray(rows[:, begin:begin + width]).data)
+        tick()
+    return fill
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel when it can)."""
+    try:
+        while count:
+            done = os.copy_file_range(src, dst, count, offset)
+            if done == 0:
+                raise OSError("copy_file_range: source ended early")
+            offset += done
+            count -= done
+    except OSError:  # another filesystem or no kernel support: copy through a buffer
+        while count:
+            chunk = _pread(src, min(count, 1 << 24), offset)
+            _write_all(dst, chunk)
+            offset += len(chunk)
+            count -= len(chunk)
+
+
+def _pread(fd: int, count: int, offset: int) -> bytes:
+    data = os.pread(fd, count, offset)
+    if len(data) != count:  # pread of a regular file returns less only at its end
+        raise OSError(f"source file ended {count - len(data)} bytes early")
+    return data
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
