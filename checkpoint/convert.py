@@ -9,6 +9,7 @@ complete (checkpoint/staging.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -74,7 +75,7 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
     names = [stage_names(cfg, stage_layers, p) for p in range(pp)]
     # Byte copies straight from the safetensors files unless a dtype cast needs the tensors in memory.
     streamed = cast is None or set(hf.dtypes.values()) == {cast}
-    summary = Summary(save_dir, parameters=sum(_numel(s) for s in hf.shapes.values()))
+    summary = Summary(save_dir, parameters=sum(math.prod(s) for s in hf.shapes.values()))
     with staged_dir(save_dir) as tmp, _progress(sum(map(len, names)) * tp, progress) as tick, \
             OpenFiles() as files:
         ours = _Tapped(HFToOurs(hf, cfg), cast, tick)
@@ -190,10 +191,3 @@ def _progress(total: int, enabled: bool):
 
 def _dtype_name(dtype, default: str) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, default)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -13,6 +13,7 @@ cast is asked for; otherwise the in-memory path of checkpoint/convert.py runs.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -49,7 +50,7 @@ def rank_specs(hf, cfg: Qwen2VLConfig, names: Sequence[Tuple[str, str]], tp_size
 
 def _runs(hf, cfg, e, local: str, tp_size: int, tp_rank: int, itemsize: int) -> List[Run]:
     shapes = [hf.shapes[h] for h in e.hf]
-    row_bytes = {_numel(s[1:]) * itemsize for s in shapes}
+    row_bytes = {math.prod(s[1:]) * itemsize for s in shapes}
     assert len(row_bytes) == 1, f"{e.ours}: HF inputs with different row sizes"
     row_bytes = row_bytes.pop()
     bases, ids, total = [], [], 0
@@ -159,10 +160,3 @@ def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view):]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

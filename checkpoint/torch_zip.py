@@ -11,6 +11,7 @@ reads torch's own files.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
 import struct
@@ -29,9 +30,7 @@ class TensorSpec:
 
     def __init__(self, dtype: torch.dtype, shape: Sequence[int], fill: Callable[[BinaryIO, int], None]):
         self.dtype, self.shape, self.fill = dtype, tuple(int(d) for d in shape), fill
-        self.numel = 1
-        for d in self.shape:
-            self.numel *= d
+        self.numel = math.prod(self.shape)
         self.nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
         self.key = None  # record name, set when pickled
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -76,7 +77,7 @@ def make_random_hf(folder: str, model_json: str, shard_bytes: int = 4 * 10 ** 9)
     shapes = hf_shapes(cfg)
     groups, group, size = [], [], 0
     for name, shape in shapes.items():
-        n = 2 * _numel(shape)
+        n = 2 * math.prod(shape)
         if group and size + n > shard_bytes:
             groups.append(group)
             group, size = [], 0
@@ -96,12 +97,6 @@ def make_random_hf(folder: str, model_json: str, shard_bytes: int = 4 * 10 ** 9)
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     return total
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _sync_and_clear(*paths):
