@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.train_fixtures import (ROOT, convert, env, hf_loss_on_first_samples, losses, make_data, make_hf_model,
-                                  run_training, train_flags)
+                                  run_training, train_flags, wait_for_line)
 
 
 
@@ -109,23 +109,10 @@ def _start(flags, **kw):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _wait_for(proc, needle, timeout=240):
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    proc.kill()
-    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-4000:]}")
-
-
 def test_sigterm_saves_current_iteration_and_exits_0(tiny):
     save = str(tiny["root"] / "sigterm")
     proc = _start(_flags(tiny, tiny["mm11"], 1000, extra=["--load", tiny["mm11"], "--save", save]))
-    head = _wait_for(proc, "iteration        2/")
+    head = wait_for_line(proc, "iteration        2/")
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=240)
     out = head + rest

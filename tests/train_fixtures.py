@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
@@ -88,6 +89,20 @@ def run_training(flags, nprocs=1, timeout=300, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed (rc={proc.returncode}):\n{out[-6000:]}")
     return proc.returncode, out
+
+
+def wait_for_line(proc, needle: str, timeout: float = 240) -> str:
+    """Read proc.stdout until a line contains needle; returns what was read (kills proc on failure)."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-4000:]}")
 
 
 def losses(output: str) -> dict:

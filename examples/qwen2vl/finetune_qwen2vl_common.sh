@@ -68,9 +68,31 @@ OUTPUT_ARGS="
 LOG_DIR=${LOG_DIR:-logs}
 mkdir -p "$LOG_DIR"
 logfile="$LOG_DIR/train_$(date +%Y%m%d_%H%M%S).log"
-torchrun $DISTRIBUTED_ARGS "$ROOT/pretrain_qwen2vl.py" \
+# Everything below also goes to the log; tee ignores SIGTERM/SIGINT so that it outlives a
+# pre-emption and records the final save.
+exec 3>&1 4>&2 > >(trap '' TERM INT; exec tee "$logfile") 2>&1
+TEE_PID=$!
+
+# Pre-emption (SIGTERM, or SIGINT / Ctrl-C): the training processes finish their iteration,
+# save and exit 0.  torchrun must not see the signal: it would kill them 30 s later and fail
+# whatever they did.  So torchrun runs in its own session (signals sent to this launcher's
+# process group miss it) and this launcher hands the signal to the training processes (its
+# children; to torchrun itself while it has none yet); torchrun then sees them succeed and
+# the job exits 0.  Signals sent to every process of the job (e.g. Slurm's scancel) still
+# reach torchrun, which then forwards them itself and exits non-zero after the save.
+setsid torchrun $DISTRIBUTED_ARGS "$ROOT/pretrain_qwen2vl.py" \
     $GPT_ARGS \
     $MM_ARGS \
     $OUTPUT_ARGS \
-    "$@" \
-    2>&1 | tee "$logfile"
+    "$@" &
+TORCHRUN_PID=$!
+forward() { pkill "-$1" -P "$TORCHRUN_PID" || kill "-$1" "$TORCHRUN_PID" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+# A trapped signal interrupts `wait`: wait again until torchrun has ended (bash keeps its status).
+while kill -0 "$TORCHRUN_PID" 2>/dev/null; do wait "$TORCHRUN_PID" || true; done
+status=0
+wait "$TORCHRUN_PID" || status=$?
+exec 1>&3 2>&4  # end of the log: let tee finish writing it
+wait "$TEE_PID" || true
+exit "$status"

@@ -23,6 +23,7 @@ GUIDE_ONLY_FLAGS = {
 }
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+MAX_CONSECUTIVE_NAN = 10  # NaN/Inf losses in a row that stop a run
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
+
+    g = p.add_argument_group("debugging")
+    g.add_argument("--inject-nan-loss", default=None, metavar="ITERATIONS",
+                   help="make the loss (and so every gradient) of these iterations NaN, e.g. 5 or 3-12,20: "
+                        "rehearses the NaN/Inf handling (the update is skipped and counted in the log; "
+                        f"{MAX_CONSECUTIVE_NAN} in a row stop the run)")
     return p
 
 
@@ -179,6 +186,21 @@ def _uneven_example(num_layers, pp):
     return ",".join(str(base + (i >= pp - rest)) for i in range(pp))
 
 
+def iteration_set(text: str, flag: str) -> frozenset:
+    """'3-12,20' -> {3, ..., 12, 20} (1-based iterations)."""
+    out = set()
+    for part in text.replace(" ", "").split(","):
+        low, dash, high = part.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise UserError(f"{flag}: expected iterations like 5 or 3-12,20, got {text!r}") from None
+        if first < 1 or last < first:
+            raise UserError(f"{flag}: {part!r} is not a range of iterations >= 1")
+        out.update(range(first, last + 1))
+    return frozenset(out)
+
+
 def split_weights(spec: str):
     weights = [float(x) for x in spec.replace("/", ",").split(",")] if spec else [100.0]
     weights += [0.0] * (3 - len(weights))
@@ -193,7 +215,7 @@ def validate(args, model_cfg, world_size: int) -> None:
     """Check flags against the model and world size; fill derived values on ``args``.
 
     Sets ``args.data_parallel_size``, ``args.num_microbatches``, ``args.stage_layers``,
-    ``args.split_fractions`` and ``args.lr_warmup_steps``.
+    ``args.split_fractions``, ``args.lr_warmup_steps`` and ``args.nan_loss_iters``.
     """
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
@@ -264,3 +286,5 @@ def validate(args, model_cfg, world_size: int) -> None:
     if args.eval_iters < 0:
         raise UserError(f"--eval-iters must be >= 0, got {args.eval_iters}")
     args.split_fractions = split_weights(args.split)
+    args.nan_loss_iters = iteration_set(args.inject_nan_loss, "--inject-nan-loss") if args.inject_nan_loss \
+        else frozenset()

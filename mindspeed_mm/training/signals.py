@@ -2,8 +2,10 @@
 
 The handler only records the signal; the loop asks :meth:`StopRequest.agreed`
 after each iteration, which all-reduces the flag so that every rank stops at
-the same iteration.  A second signal of the same kind kills the process the
-default way, for when the save itself hangs.
+the same iteration.  A second SIGINT (Ctrl-C twice) kills the process the
+default way, for when the save itself hangs.  A repeated SIGTERM is the same
+pre-emption delivered twice (by the cluster to every process and again by
+torchrun or the launcher): it is ignored, and the sender escalates with SIGKILL.
 """
 import signal
 
@@ -20,7 +22,7 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received == signum:  # asked twice: give up on the graceful path
+        if self.received == signum == signal.SIGINT:  # asked twice: give up on the graceful path
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.received = signum

@@ -10,22 +10,27 @@
 4. the data: this data-parallel rank's shard, resumed after the consumed samples;
 5. the loop: one global batch per iteration through megatron-core's pipeline
    schedule, loss = mean over the batch's supervised tokens, NaN/Inf steps
-   skipped, logs, evaluation, checkpoints, and a clean stop on SIGTERM/SIGINT.
+   skipped (10 in a row stop the run), logs, evaluation, checkpoints, and a
+   clean stop on SIGTERM/SIGINT.
 """
 import dataclasses
 import math
 import os
 import time
-from contextlib import nullcontext
+from functools import partial
 
 import torch
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.training.arguments import parse_args, validate
+from mindspeed_mm.training.arguments import MAX_CONSECUTIVE_NAN, parse_args, validate
 from mindspeed_mm.training.flops import BatchShape, train_flops
 
-MAX_CONSECUTIVE_NAN = 10
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class LossDiverged(UserError):
+    """NaN/Inf losses in MAX_CONSECUTIVE_NAN iterations in a row: a one-line error, exit 2 (nothing saved:
+    the weights have not changed since the last finite loss)."""
 
 
 # ---- 1. configuration ---------------------------------------------------------
@@ -105,6 +110,19 @@ def build_optimizer(args, model):
     return optimizer, scheduler
 
 
+def precision_summary(model, optimizer) -> str:
+    """The dtypes mixed precision really uses, read from the objects (not from the flags)."""
+    def names(dtypes):
+        return "/".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    main_params = [p for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+                   for group in opt.optimizer.param_groups for p in group["params"]]
+    return (f"parameters {names({p.dtype for p in trained})}, gradients accumulated and reduced in "
+            f"{names({p.main_grad.dtype for p in trained})}, optimizer main parameters "
+            f"{names({p.dtype for p in main_params})}")
+
+
 # ---- 4. data ------------------------------------------------------------------
 class Batches:
     """This data-parallel rank's micro-batches, moved to the device and padded as the flags say."""
@@ -157,10 +175,8 @@ def pad_to_length(batch, length, source):
     return out
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, inject_nan=False):
     """megatron-core's forward step: run the stage; the last stage returns per-token losses."""
-    from functools import partial
-
     from mindspeed_mm.training.loss import masked_loss_sum, shift_labels
 
     batch = next(data_iterator)
@@ -171,11 +187,13 @@ def forward_step(data_iterator, model):
     output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                    attention_mask=batch["attention_mask"], pixel_values=pixel_values,
                    image_grid_thw=batch.get("image_grid_thw"), labels=labels)
+    if inject_nan:  # --inject-nan-loss: as if this stage overflowed; backward then gives NaN gradients too
+        output = output * float("nan")
     return output, partial(masked_loss_sum, shifted_labels=labels)
 
 
 # ---- 5. one iteration -----------------------------------------------------------
-def run_global_batch(model, micro_batches, args, forward_only=False):
+def run_global_batch(model, micro_batches, args, forward_only=False, inject_nan=False):
     """Forward (+ backward) over the micro-batches; returns [loss_sum, tokens] of the global
     batch (all data-parallel ranks), the same on every rank."""
     from megatron.core import parallel_state as ps
@@ -185,9 +203,9 @@ def run_global_batch(model, micro_batches, args, forward_only=False):
 
     seq_length = max(b["input_ids"].shape[1] for b in micro_batches)
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=args.micro_batch_size,
-        forward_only=forward_only)
+        forward_step_func=partial(forward_step, inject_nan=inject_nan), data_iterator=iter(micro_batches),
+        model=[model], num_microbatches=len(micro_batches), seq_length=seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=forward_only)
     device = micro_batches[0]["input_ids"].device
     if ps.is_pipeline_last_stage():
         total = reduce_reported_loss(reports, ps.get_data_parallel_group(), device)
@@ -202,15 +220,12 @@ def train_step(model, optimizer, scheduler, micro_batches, args, state):
     """One optimizer step on one global batch.  Returns (loss, grad_norm)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    total = run_global_batch(model, micro_batches, args)
+    total = run_global_batch(model, micro_batches, args,
+                             inject_nan=state["iteration"] + 1 in args.nan_loss_iters)
     loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
-    if not math.isfinite(loss):  # a NaN/Inf loss poisons the weights: skip this update
+    if not math.isfinite(loss):  # its gradients are NaN/Inf too: skip this update (the next one zeroes them)
         state["nan_iters"] += 1
         state["consecutive_nan"] += 1
-        if state["consecutive_nan"] >= MAX_CONSECUTIVE_NAN:
-            raise RuntimeError(f"the loss was NaN/Inf in {MAX_CONSECUTIVE_NAN} iterations in a row (last: "
-                               f"iteration {state['iteration'] + 1}); lower --lr, check the data, or use bf16 "
-                               f"instead of fp16")
         return loss, None
     state["consecutive_nan"] = 0
     updated, grad_norm, _ = optimizer.step()
@@ -286,6 +301,7 @@ def train(args, model_cfg, data_cfg, platform):
 
     model = build_model(args, model_cfg)
     optimizer, scheduler = build_optimizer(args, model)
+    report.print(f"{args.precision}: {precision_summary(model, optimizer)}")
     state = {"iteration": 0, "consumed_samples": 0, "skipped_iters": 0, "nan_iters": 0, "consecutive_nan": 0}
     if args.load:
         loaded = load_checkpoint(args.load, model, optimizer, scheduler, args)
@@ -331,6 +347,10 @@ def train(args, model_cfg, data_cfg, platform):
                     flops=flops, tokens=tokens, consumed_samples=state["consumed_samples"],
                     global_batch_size=args.global_batch_size, skipped_iters=state["skipped_iters"],
                     nan_iters=state["nan_iters"])
+        if state["consecutive_nan"] >= MAX_CONSECUTIVE_NAN:
+            raise LossDiverged(f"the loss was NaN/Inf in {MAX_CONSECUTIVE_NAN} iterations in a row (the last: "
+                               f"iteration {iteration}); lower --lr, check the data, or use bf16 instead of fp16; "
+                               f"resume from the last checkpoint")
 
         if valid_factory and iteration % args.eval_interval == 0:
             report.evaluation(iteration, *evaluate(model, valid_factory, args))
