@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs for cp and each conversion")
     ap.add_argument("--export", action="store_true", help="also time the export back to HF (first layout)")
     ap.add_argument("--tmp", default=tempfile.gettempdir())
+    ap.add_argument("--json", help="also write the figures here (scripts/bench_report.py rows)")
     args = ap.parse_args(argv)
 
     free = shutil.disk_usage(args.tmp).free
@@ -173,6 +174,16 @@ def main(argv=None) -> int:
         for name, r, biggest in rows:
             print(f"{name:38s} {r['seconds']:6.2f}s {r['seconds'] / cp:6.2f} {r['wall']:8.2f}s "
                   f"{r['max_rss'] / 1e9:8.2f}G {biggest / 1e9:11.2f}G {r['max_rss'] / biggest:8.2f}")
+        if args.json:
+            from scripts.bench_report import row, write_rows
+
+            out_rows = []
+            for name, r, biggest in rows:
+                out_rows += [row(f"conversion {name}", "s", "lower", r["seconds"], cp, "cp -r of the HF folder"),
+                             row(f"peak RSS {name}", "GB", "lower", r["max_rss"] / 1e9, biggest / 1e9,
+                                 "its largest output file")]
+            write_rows(args.json, f"Qwen2-VL-2B-shaped random bf16 weights, {size / 1e9:.2f} GB ({os.path.basename(args.model_json)})",
+                       out_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -103,6 +103,7 @@ def main(argv=None):
     p.add_argument("--hidden-size", type=int, help="LLM width (default: the tiny config's)")
     p.add_argument("--num-layers", type=int, help="LLM layers (default: the tiny config's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", help="also write the figures here (scripts/bench_report.py rows)")
     args = p.parse_args(argv)
 
     from mindspeed_mm.platform import setup_platform
@@ -143,14 +144,23 @@ def main(argv=None):
         tn, tokens = best_time(run(n), args.repeats)
         rows[name] = (t1, (n - 1) * b / (tn - t1), tokens)
     (_, _, ours_tokens), (_, _, hf_tokens) = rows.values()
-    print(f"random Qwen2-VL: LLM {cfg.text.num_layers} layers x {cfg.text.hidden_size}, ViT "
-          f"{cfg.vision.num_layers} x {cfg.vision.hidden_size}; prompt {len(batch.input_ids[0])} tokens "
-          f"({0 if args.no_image else 1} image), batch {b}, {n} new tokens, {args.dtype} on {device}, "
-          f"{torch.get_num_threads()} CPU threads")
+    setup = (f"random Qwen2-VL: LLM {cfg.text.num_layers} layers x {cfg.text.hidden_size}, ViT "
+             f"{cfg.vision.num_layers} x {cfg.vision.hidden_size}; prompt {len(batch.input_ids[0])} tokens "
+             f"({0 if args.no_image else 1} image), batch {b}, {n} new tokens, {args.dtype} on {device}, "
+             f"{torch.get_num_threads()} CPU threads")
+    print(setup)
     print(f"{'':34s}{'prefill+1st token s':>20s}{'decode tokens/s':>18s}")
     for name, (t1, rate, _) in rows.items():
         print(f"{name:34s}{t1:20.4f}{rate:18.1f}")
     print(f"same greedy tokens: {'yes' if ours_tokens == hf_tokens else 'NO'}")
+    if args.json:
+        from scripts.bench_report import row, write_rows
+
+        (t1, rate, _), (hf_t1, hf_rate, _) = rows.values()
+        same = f"same greedy tokens: {'yes' if ours_tokens == hf_tokens else 'NO'}"
+        write_rows(args.json, setup, [
+            row(f"decode, batch {b}", "tokens/s", "higher", rate, hf_rate, "HF generate", same),
+            row("prefill + first token", "s", "lower", t1, hf_t1, "HF generate")])
     destroy_distributed()
 
 
