@@ -19,8 +19,8 @@ import torch.utils.serialization
 from checkpoint import torch_zip
 from checkpoint.torch_zip import TensorSpec
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.training.checkpointing import (CHECKPOINT_VERSION, MODEL_FILE, TRACKER, iteration_dir,
-                                                 rank_dir, read_tracker)
+from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, TRACKER, iteration_dir, rank_dir,  # noqa: F401
+                               read_tracker, write_tracker)
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
@@ -42,11 +42,6 @@ def save_rank_streamed(path: str, specs: Dict[str, TensorSpec], iteration=0) -> 
     """As :func:`save_rank`, each tensor's bytes written by its spec (see checkpoint/torch_zip.py)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return torch_zip.write(path, {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, specs)
-
-
-def write_tracker(root: str, iteration) -> None:
-    with open(os.path.join(root, TRACKER), "w") as f:
-        f.write(f"{iteration}\n")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 import shutil
 from contextlib import contextmanager
 
+from checkpoint.layout import replace_dir
 from mindspeed_mm.errors import UserError
 
 
@@ -42,10 +43,4 @@ def staged_dir(save_dir: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.isdir(save_dir):
-        old = f"{save_dir}.old-{os.getpid()}"
-        os.replace(save_dir, old)
-        os.replace(tmp, save_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, save_dir)
+    replace_dir(tmp, save_dir)

@@ -1,7 +1,6 @@
 """Shared helpers for the data tests: a tiny local processor and the HF reference path."""
 
 import json
-import os
 
 import numpy as np
 import torch

@@ -123,3 +123,15 @@ def build_our_model(hf, cfg=None, pre_process: bool = True, post_process: bool =
     model = Qwen2VLModel(cfg, pre_process=pre_process, post_process=post_process, **parallel_kwargs)
     model.load_full_state(hf_to_mm(hf_state(hf), cfg))
     return model
+
+
+def hub_flat_config(hf_nested: dict) -> dict:
+    """The hub's original config.json layout: LLM keys at the top, vision_config nested."""
+    flat = {k: v for k, v in hf_nested.items() if k != "text_config"}
+    text = dict(hf_nested["text_config"])
+    rope = text.pop("rope_parameters")
+    flat.update(text)
+    flat["rope_theta"] = rope["rope_theta"]
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat["model_type"] = "qwen2_vl"
+    return flat

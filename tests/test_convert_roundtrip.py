@@ -23,8 +23,7 @@ from checkpoint.parallel import shard_state
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
 from scripts.make_tiny_qwen2vl import make_image_processor, make_tokenizer
-from tests.hf_reference import hf_config, hf_model
-from tests.test_model_config import _hub_flat
+from tests.hf_reference import hf_config, hf_model, hub_flat_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +46,7 @@ def _write_hf_dir(path, tied: bool, internal_sharded: bool):
         index = {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
         config = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps(_hub_flat(config)))
+        (path / "config.json").write_text(json.dumps(hub_flat_config(config)))
     return path
 
 
@@ -135,7 +134,11 @@ def _pp_tp(rank_dir):
 
 
 def test_export_loads_with_transformers(hf_dirs, tmp_path):
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
 
     src = hf_dirs[(True, True)]
     mm, out = tmp_path / "mm", tmp_path / "hf"

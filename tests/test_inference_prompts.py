@@ -2,7 +2,6 @@
 batch files give the history and the reference, flags and the inference JSON merge, bad input is one line."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -6,6 +6,7 @@ import pytest
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
 from scripts.make_tiny_qwen2vl import tiny_config
+from tests.hf_reference import hub_flat_config
 
 OFFICIAL = {  # hidden, layers, heads, kv heads, ffn, vocab, tied
     "2b": (1536, 28, 12, 2, 8960, 151936, True),
@@ -27,22 +28,10 @@ def test_shipped_model_json(name):
         (151652, 151653, 151655, 151656)
 
 
-def _hub_flat(hf_nested: dict) -> dict:
-    """The hub's original config.json layout: LLM keys at the top, vision_config nested."""
-    flat = {k: v for k, v in hf_nested.items() if k != "text_config"}
-    text = dict(hf_nested["text_config"])
-    rope = text.pop("rope_parameters")
-    flat.update(text)
-    flat["rope_theta"] = rope["rope_theta"]
-    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
-    flat["model_type"] = "qwen2_vl"
-    return flat
-
-
 def test_from_hf_both_layouts_agree(tmp_path):
     hf = tiny_config(tie_word_embeddings=True).to_dict()
     nested = Qwen2VLConfig.from_hf(hf)
-    flat = Qwen2VLConfig.from_hf(_hub_flat(hf))
+    flat = Qwen2VLConfig.from_hf(hub_flat_config(hf))
     assert nested == flat
     assert nested.text.mrope_section == [4, 6, 6] and nested.text.tie_word_embeddings
     assert nested.text.num_query_groups == 2 and nested.vision.ffn_hidden_size == 256

@@ -41,7 +41,6 @@ def _logit_diffs(model, hf, make_batch, hf_forward, vocab):
 
 
 def _loss_and_grads(hf, recompute):
-    import torch
 
     from checkpoint.mapping import hf_to_mm
     from tests.hf_reference import build_our_model, hf_forward, make_batch, shift_labels
@@ -100,7 +99,6 @@ def _vision_diffs(model, hf):
 
 def _freeze_checks(hf):
     """Per frozen part: which parameters still get gradients and optimizer state."""
-    import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

@@ -112,7 +112,7 @@ class DataConfig:
             if value < low:
                 bad(f"dataloader_param.{key}", f"must be >= {low}, got {value}")
         if dl.collate_param.model_name != "qwen2vl":
-            bad("dataloader_param.collate_param.model_name", f"only 'qwen2vl' is supported")
+            bad("dataloader_param.collate_param.model_name", "only 'qwen2vl' is supported")
         return self
 
 

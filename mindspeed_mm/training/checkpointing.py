@@ -13,52 +13,14 @@ leaves the tracker pointing at the previous complete checkpoint.
 """
 import os
 import random
-import shutil
 import time
 
 import numpy as np
 import torch
 
+from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, TRACKER, iteration_dir, rank_dir,  # noqa: F401
+                               read_tracker, replace_dir, write_tracker)
 from mindspeed_mm.errors import UserError
-
-TRACKER = "latest_checkpointed_iteration.txt"
-MODEL_FILE = "model_optim_rng.pt"
-OPTIM_FILE = "distrib_optim.pt"
-CHECKPOINT_VERSION = 3.0
-
-
-# ---- paths ------------------------------------------------------------------
-def iteration_dir(root: str, iteration) -> str:
-    return os.path.join(root, "release" if iteration == "release" else f"iter_{int(iteration):07d}")
-
-
-def rank_dir(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return os.path.join(iter_dir, name)
-
-
-def read_tracker(root: str):
-    """The iteration the tracker names (int), 'release', or None when there is no checkpoint."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return "release" if os.path.isdir(os.path.join(root, "release")) else None
-    text = open(path).read().strip()
-    if text == "release":
-        return "release"
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 # ---- rng --------------------------------------------------------------------
 def rng_state() -> dict:
@@ -131,16 +93,10 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
 
 def _publish(save_dir, tmp, final, iteration, model_cfg):
     """Rename the finished temporary directory into place, then move the tracker."""
-    if os.path.exists(final):  # re-saving an iteration (e.g. a signal right after a save)
-        old = f"{final}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)  # re-saving an iteration (a signal right after a save) replaces it
     model_json = os.path.join(save_dir, "model.json")
     model_cfg.save(model_json)
-    _write_atomically(os.path.join(save_dir, TRACKER), f"{iteration}\n")
+    write_tracker(save_dir, iteration)
 
 
 # ---- load -------------------------------------------------------------------

@@ -282,7 +282,6 @@ def main(argv=None):
 
 
 def train(args, model_cfg, data_cfg, platform):
-    from megatron.core import parallel_state as ps
 
     from mindspeed_mm.data.builder import build_train_valid_datasets
     from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
