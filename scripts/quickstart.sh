@@ -27,8 +27,8 @@ MAX_PIXELS=$((112 * 112))
 
 NAME=tiny-Qwen2-VL
 HF_DIR=ckpt/hf_path/$NAME                 # the guide's ckpt/hf_path/Qwen2-VL-7B-Instruct
-MM_DIR=ckpt/mm_path/$NAME                 # converted, TP=1
-MM_PP_DIR=ckpt/mm_path/$NAME-pp2          # converted, pipeline stages [ViT + embedding | 2 LLM layers]
+MM_DIR=ckpt/$NAME                         # converted, TP=1 (the guide's ckpt/Qwen2-VL-7B-Instruct)
+MM_PP_DIR=ckpt/$NAME-pp2                  # converted, pipeline stages [ViT + embedding | 2 LLM layers]
 DATA_DIR=data/tiny
 SAVE_DIR=ckpt/save_dir/$NAME
 SAVE_PP_DIR=ckpt/save_dir/$NAME-pp2
