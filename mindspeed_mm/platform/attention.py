@@ -14,6 +14,7 @@ several images in the ViT) which never attend to each other.
 """
 import importlib
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +74,35 @@ def allowed_mask(sq, sk, device, causal, attention_mask=None, cu_q=None, cu_k=No
         allowed = keep if allowed is None else allowed & keep
     if allowed is not None:
         # A fully masked row (left padding) would give NaN; let it see itself.
+        # Done unconditionally: testing for such rows first would cost a host sync.
         empty = ~allowed.any(dim=-1, keepdim=True)
-        if bool(empty.any()):
-            allowed = allowed | (empty & torch.eye(sq, sk, dtype=torch.bool, device=device).roll(sk - sq, 1))
+        allowed = allowed | (empty & torch.eye(sq, sk, dtype=torch.bool, device=device).roll(sk - sq, 1))
     return allowed
+
+
+class _MaskCache:
+    """The mask of the last forward, reused by every layer that gets the same inputs.
+
+    Keyed on the identity of the mask / cu_seqlens tensors (weak references,
+    so a freed tensor can never be mistaken for a new one at the same address).
+    """
+
+    def __init__(self):
+        self.refs, self.key, self.mask = (), None, None
+
+    def get(self, sq, sk, device, causal, attention_mask, cu_q, cu_k):
+        tensors = (attention_mask, cu_q, cu_k)
+        key = (sq, sk, str(device), causal)
+        if key == self.key and len(self.refs) == 3 and all(
+                (r is None and t is None) or (r is not None and r() is t) for r, t in zip(self.refs, tensors)):
+            return self.mask
+        self.mask = allowed_mask(sq, sk, device, causal, attention_mask, cu_q, cu_k)
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self.key = key
+        return self.mask
+
+
+_MASKS = _MaskCache()
 
 
 class CoreAttention(MegatronModule):
@@ -123,7 +149,7 @@ class CoreAttention(MegatronModule):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                  scale=self.softmax_scale, enable_gqa=gqa)
         else:
-            mask = allowed_mask(sq, sk, q.device, causal, attention_mask, cu_q, cu_k)
+            mask = _MASKS.get(sq, sk, q.device, causal, attention_mask, cu_q, cu_k)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  scale=self.softmax_scale, enable_gqa=gqa)
         return out.permute(2, 0, 1, 3)
