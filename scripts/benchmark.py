@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 from scripts.bench_report import format_table, write_rows  # noqa: E402
 
 BENCHMARKS = {
-    "train": ["scripts/bench_train.py", "--steps", "8"],
+    "train": ["scripts/bench_train.py"],
     "decode": ["scripts/bench_decode.py"],
     "preprocess": ["scripts/bench_preprocess.py"],
     "convert": ["scripts/bench_convert.py", "--export"],
