@@ -48,8 +48,14 @@ step() { printf '\n\033[1m[%s/7] %s\033[0m  (%ds so far)\n' "$1" "$2" "$((SECOND
 
 # ---- 1. environment ---------------------------------------------------------------------------
 step 1 "environment: install what is missing"
+if ! python -c "import sys; sys.exit(sys.version_info < (3, 10))" 2>/dev/null; then
+    echo "error: the launchers run 'python', which must be Python >= 3.10 (found: $(python --version 2>&1 || echo none))" >&2
+    exit 2
+fi
 if ! python -c "import torch" 2>/dev/null; then
-    echo "torch is missing: pip install torch==2.13.0 (on a machine without a GPU pip picks the CPU build)"
+    # Takes the CPU build where pip is pointed at one (as on CI machines); elsewhere PyPI's default build,
+    # which also runs on the CPU (PIP_INDEX_URL=https://download.pytorch.org/whl/cpu gets the small one).
+    echo "torch is missing: pip install torch==2.13.0"
     python -m pip install torch==2.13.0
 fi
 VERSIONS='import importlib.metadata as m, torch, megatron.core, transformers, safetensors, PIL, tqdm
@@ -60,6 +66,10 @@ if ! python -c "$VERSIONS" 2>/dev/null; then
     echo "project dependencies are missing: pip install -e ."
     python -m pip install -e .
     python -c "$VERSIONS"
+fi
+if ! command -v torchrun >/dev/null; then
+    echo "error: torchrun (installed with torch) is not on PATH; add pip's script folder to PATH" >&2
+    exit 2
 fi
 mkdir -p ckpt data "$LOGS"
 
