@@ -40,7 +40,10 @@ def build_models(args, device):
     overrides = dict(vocab_size=-(-len(tokenizer) // 128) * 128, **{k: ids[k] for k in (
         "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "pad_token_id")})
     if "hidden_size" in text:
-        overrides.update(hidden_size=text["hidden_size"], intermediate_size=text["hidden_size"] * 2)
+        # the tiny config's head_dim (32) and M-RoPE sections stay: more width means more heads
+        heads = text["hidden_size"] // 32
+        overrides.update(hidden_size=text["hidden_size"], intermediate_size=text["hidden_size"] * 2,
+                         num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1))
     if "num_layers" in text:
         overrides["num_hidden_layers"] = text["num_layers"]
     config = tiny_config(**overrides)
@@ -105,6 +108,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="also write the figures here (scripts/bench_report.py rows)")
     args = p.parse_args(argv)
+    if args.hidden_size and args.hidden_size % 64:
+        p.error("--hidden-size: must be a multiple of 64 (heads of 32 dims, two query heads per KV head)")
 
     from mindspeed_mm.platform import setup_platform
 

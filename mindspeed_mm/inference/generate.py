@@ -11,10 +11,10 @@ Two things are specific to Qwen2-VL:
   3-D positions come from ``get_rope_index``; the k-th generated token of a
   sample (k = 0, 1, ...) sits at ``real_prompt_length + k + rope_delta`` on
   all three axes, which continues right after the largest prompt position.
-* megatron's static cache stores keys before rotation and rotates the whole
-  cached prefix with ``position_ids[:, :, :end]`` at every step, so the
-  positions of the whole sequence so far are passed each step, as is the
-  padding mask (left padding stays masked for every later token).
+* the cache holds keys already rotated (models/rotated_kv_cache.py), so a
+  decode step passes the positions of its new tokens only, [3, b, 1]; the
+  padding mask covers the whole sequence so far (left padding stays masked
+  for every later token) and is left out altogether when nothing is padded.
 
 Logits come back gathered over TP with the padded vocabulary columns at
 -inf; every TP rank picks the same token (the TP source rank's choice is
@@ -80,7 +80,7 @@ class Generator:
             video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id)
         return positions, mask.sum(1) + deltas[:, 0]
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not just no_grad: megatron's linears are autograd Functions, cheaper this way
     def generate(self, batch: PromptBatch,
                  on_tokens: Optional[Callable[[List[int], List[bool]], None]] = None) -> List[List[int]]:
         """Generated ids per prompt (prompt excluded, the stop id included when produced).
@@ -99,10 +99,11 @@ class Generator:
         total = s + new_tokens
 
         dev = self.device
-        mask = torch.zeros(b, total, dtype=torch.long, device=dev)  # [b, s + new]: 1 = attend
-        mask[:, :s] = prompt_mask
-        positions = torch.zeros(3, b, total, dtype=torch.long, device=dev)  # [3, b, s + new]
-        positions[:, :, :s] = prompt_positions
+        mask = None  # [b, s + new]: 1 = attend; None: no padding, nothing to mask
+        if not bool(prompt_mask.all()):
+            mask = torch.ones(b, total, dtype=torch.long, device=dev)
+            mask[:, :s] = prompt_mask
+        positions = prompt_positions.to(dev)  # [3, b, s], then [3, b, 1] per decode step
         first_position = first_position.to(dev)
         history = ids.to(dev)  # [b, s + step]: every id so far, for the repetition penalty
         stop = torch.tensor(self.stop_ids, dtype=torch.long, device=dev)
@@ -111,6 +112,7 @@ class Generator:
 
         context = StaticInferenceContext(b, total)
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        done = [False] * b
         answers: List[List[int]] = [[] for _ in range(b)]
         tokens = history
         start = time.perf_counter()
@@ -118,7 +120,7 @@ class Generator:
         for step in range(new_tokens):
             end = s + step  # tokens in the cache once this step's input is in
             images = (pixels, grid) if step == 0 else (None, None)
-            logits = self.model(tokens, positions[:, :, :end], mask[:, :end], *images,
+            logits = self.model(tokens, positions, None if mask is None else mask[:, :end], *images,
                                 inference_context=context)
             context.sequence_len_offset = end
             context.enable_decode_mode()
@@ -127,19 +129,20 @@ class Generator:
                                 self.generator)
             token = self._same_on_tp_ranks(token)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
-            for answer, t, done in zip(answers, token.tolist(), finished.tolist()):
-                if not done:
-                    answer.append(t)
             finished |= torch.isin(token, stop)
+            new_ids = token.tolist()  # the step's host copies: ids, and finished flags after this token
+            for answer, t, was_done in zip(answers, new_ids, done):
+                if not was_done:
+                    answer.append(t)
+            done = finished.tolist()
             self.stats.new_tokens = step + 1
             if step == 0:
                 self.stats.prefill_seconds = time.perf_counter() - start
             if on_tokens is not None:
-                on_tokens(token.tolist(), finished.tolist())
-            if bool(finished.all()):
+                on_tokens(new_ids, done)
+            if all(done):
                 break
-            mask[:, end] = 1  # the new token goes to index end
-            positions[:, :, end] = (first_position + step)[None, :]
+            positions = (first_position + step).expand(3, b)[:, :, None]  # the new token, at index end
             tokens = token[:, None]
             history = torch.cat([history, tokens], dim=1)
         self.stats.decode_seconds = time.perf_counter() - start - self.stats.prefill_seconds

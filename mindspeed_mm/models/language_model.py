@@ -1,13 +1,16 @@
 """Qwen2 language model on megatron-core GPTModel with multimodal RoPE.
 
-Two things differ from a plain GPTModel:
+Three things differ from a plain GPTModel:
 
 * the input embedding of every ``<|image_pad|>`` token is replaced by the
   next image feature (done before the sequence-parallel scatter, which is
   why the GPTModel does not scatter its own embedding);
 * the vocabulary is padded (multiple of divisible_by x TP): the padded
   logit columns are set to -inf before softmax / cross-entropy / argmax, so
-  they carry no probability, exactly like the unpadded HF head.
+  they carry no probability, exactly like the unpadded HF head;
+* under KV-cached inference the attention caches keys already rotated
+  (models/rotated_kv_cache.py), so a decode step takes the positions of its
+  new tokens only.
 """
 from typing import Optional
 
@@ -19,6 +22,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
 from mindspeed_mm.models.layer_spec import transformer_block_spec
+from mindspeed_mm.models.rotated_kv_cache import RotatedKVCacheSelfAttention
 
 IGNORE_INDEX = -100
 
@@ -57,8 +61,11 @@ class Qwen2LanguageModel(GPTModel):
 
     def __init__(self, cfg: Qwen2VLConfig, config, pre_process: bool, post_process: bool):
         t = cfg.text
+        block = transformer_block_spec(config, AttnMaskType.causal)
+        for layer in block.layer_specs:  # a fresh spec: changing it touches no other model
+            layer.submodules.self_attention.module = RotatedKVCacheSelfAttention
         super().__init__(
-            config, transformer_block_spec(config, AttnMaskType.causal),
+            config, block,
             vocab_size=t.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=t.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             parallel_output=True, share_embeddings_and_output_weights=t.tie_word_embeddings,

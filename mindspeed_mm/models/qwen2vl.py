@@ -98,9 +98,9 @@ class Qwen2VLModel(MegatronModule):
         Other stages: hidden states [s, b, h] for the next stage.
 
         ``inference_context`` (megatron StaticInferenceContext, eval mode): KV-cached decoding as in
-        mindspeed_mm/inference/generate.py; input_ids hold only the new tokens while position_ids and
-        attention_mask cover the whole sequence so far, and the logits are those of the last token,
-        gathered over TP: [b, 1, V].
+        mindspeed_mm/inference/generate.py; input_ids and position_ids hold only the new tokens (the
+        cache holds rotated keys, models/rotated_kv_cache.py) while attention_mask covers the whole
+        sequence so far, and the logits are gathered over TP: [b, s_new, V].
         """
         tp = self.parallel.tensor_parallel
         if self.parallel.sequence_parallel and input_ids.shape[1] % tp:
