@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             rows.append(r)
     print("\n" + "=" * 100)
     for result in results:
-        print(f"{result['name']:10s} ({result['seconds']:5.0f}s): {result['setup']}")
+        print(f"{result['name']:12s} ({result['seconds']:4.0f}s): {result['setup']}")
     print()
     print(format_table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
