@@ -105,6 +105,32 @@ class _MaskCache:
 _MASKS = _MaskCache()
 
 
+class _SegmentCache:
+    """Segment lengths of the last cu_seqlens seen (one host sync per forward, not per layer)."""
+
+    def __init__(self):
+        self.ref, self.total, self.groups = None, None, None
+
+    def get(self, cu: torch.Tensor, total: int):
+        if self.ref is not None and self.ref() is cu and self.total == total:
+            return self.groups
+        bounds = cu.tolist()
+        if bounds[-1] < total:  # trailing padding forms its own segment, as in segment_ids
+            bounds.append(total)
+        by_length = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                by_length.setdefault(end - start, []).append(start)
+        # {length: [n, length] token indices of the segments of that length}
+        self.groups = {n: torch.tensor(starts, device=cu.device)[:, None] + torch.arange(n, device=cu.device)
+                       for n, starts in by_length.items()}
+        self.ref, self.total = weakref.ref(cu), total
+        return self.groups
+
+
+_SEGMENTS = _SegmentCache()
+
+
 class CoreAttention(MegatronModule):
     """softmax(QK^T * scale + mask) V for [s, b, heads, dim] inputs."""
 
@@ -145,6 +171,8 @@ class CoreAttention(MegatronModule):
         sq, sk = q.shape[0], k.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, dim]
         gqa = q.shape[1] != k.shape[1]
+        if cu_q is not None and attention_mask is None and q.shape[0] == 1 and (cu_k is cu_q or torch.equal(cu_k, cu_q)):
+            return self._sdpa_segments(q, k, v, causal, cu_q, dropout, gqa)
         if causal and attention_mask is None and cu_q is None and sq == sk:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                  scale=self.softmax_scale, enable_gqa=gqa)
@@ -152,6 +180,21 @@ class CoreAttention(MegatronModule):
             mask = _MASKS.get(sq, sk, q.device, causal, attention_mask, cu_q, cu_k)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  scale=self.softmax_scale, enable_gqa=gqa)
+        return out.permute(2, 0, 1, 3)
+
+    def _sdpa_segments(self, q, k, v, causal, cu, dropout, gqa):
+        """Packed sequences (the patches of several images): attention within each, batched by length.
+
+        Cost sum(n_i^2) instead of a dense (sum n_i)^2 mask; q, k, v are [1, heads, s, dim].
+        """
+        out = torch.empty_like(q)
+        for length, idx in _SEGMENTS.get(cu, q.shape[2]).items():
+            flat = idx.reshape(-1)
+            # [1, heads, n*len, dim] -> [n, heads, len, dim]
+            qs, ks, vs = (t[0, :, flat].unflatten(1, idx.shape).transpose(0, 1) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal,
+                                               scale=self.softmax_scale, enable_gqa=gqa)
+            out[0, :, flat] = o.transpose(0, 1).flatten(1, 2)
         return out.permute(2, 0, 1, 3)
 
     def _flash(self, q, k, v, causal, cu_q, cu_k, dropout):
