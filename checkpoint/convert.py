@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, List, Mapping, Optional, Sequence
@@ -19,10 +20,22 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import torch
 
 from checkpoint.copy_plan import OpenFiles, rank_specs
-from checkpoint.hf_io import HFCheckpoint, copy_hf_side_files, read_hf_config, write_hf_shards
+from checkpoint.hf_io import (
+    HFCheckpoint,
+    copy_hf_side_files,
+    read_hf_config,
+    write_hf_shards,
+)
 from checkpoint.mapping import HFToOurs, OursToHF, check_hf_keys
-from checkpoint.megatron_io import (find_layout, load_rank, rank_file, save_rank, save_rank_streamed,
-                                   stage_layers_of, write_tracker)
+from checkpoint.megatron_io import (
+    find_layout,
+    load_rank,
+    rank_file,
+    save_rank,
+    save_rank_streamed,
+    stage_layers_of,
+    write_tracker,
+)
 from checkpoint.parallel import MergedView, shard_state, stage_layer_counts, stage_names
 from checkpoint.staging import check_save_dir, staged_dir
 from mindspeed_mm.errors import UserError
@@ -79,18 +92,23 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
     with staged_dir(save_dir) as tmp, _progress(sum(map(len, names)) * tp, progress) as tick, \
             OpenFiles() as files:
         ours = _Tapped(HFToOurs(hf, cfg), cast, tick)
-        for p in range(pp):
-            for t in range(tp):  # one rank file at a time
-                path = rank_file(tmp, "release", t, p, pp)
-                specs = rank_specs(hf, cfg, names[p], tp, t, files, tick) if streamed else None
-                if specs is not None:
-                    summary.bytes_written += save_rank_streamed(path, specs)
-                else:
-                    state = shard_state(ours, cfg, tp, t, stage_layers, p)
-                    summary.bytes_written += save_rank(path, state)
-                    del state
+
+        def write_rank(p: int, t: int) -> int:
+            path = rank_file(tmp, "release", t, p, pp)
+            specs = rank_specs(hf, cfg, names[p], tp, t, files, tick) if streamed else None
+            if specs is not None:
+                return save_rank_streamed(path, specs)
+            state = shard_state(ours, cfg, tp, t, stage_layers, p)  # one rank's tensors in memory at a time
+            return save_rank(path, state)
+
+        ranks = [(p, t) for p in range(pp) for t in range(tp)]
+        # Byte copies run in the kernel without the GIL: one rank file per core, as cp cannot.
+        workers = min(len(ranks), os.cpu_count() or 1) if streamed else 1
+        with ThreadPoolExecutor(workers) as pool:
+            for (p, t), written in zip(ranks, pool.map(lambda r: write_rank(*r), ranks)):
+                summary.bytes_written += written
                 summary.tensors += len(names[p])
-                summary.files.append(os.path.relpath(path, tmp))
+                summary.files.append(os.path.relpath(rank_file(tmp, "release", t, p, pp), tmp))
         write_tracker(tmp, "release")
         cfg.save(os.path.join(tmp, "model.json"))
         summary.files += ["latest_checkpointed_iteration.txt", "model.json"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,11 +96,13 @@ class OpenFiles:
 
     def __init__(self):
         self.fds: Dict[str, int] = {}
+        self.lock = threading.Lock()  # rank files may be written by several threads
 
     def fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
+        with self.lock:
+            if path not in self.fds:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+            return self.fds[path]
 
     def close(self) -> None:
         for fd in self.fds.values():
