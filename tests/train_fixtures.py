@@ -8,8 +8,9 @@ import subprocess
 import sys
 import time
 
+from tests.data_fixtures import MAX_PIXELS, MIN_PIXELS, data_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| lm loss: ([-+0-9.naninfE]+) \|")
 
 
@@ -42,17 +43,8 @@ def make_data(root: str, hf_dir: str, num_images: int = 8, shuffle: bool = False
     llava = make_tiny_dataset(os.path.join(root, "images"), num_images=num_images)
     mllm = os.path.join(root, "mllm.json")
     convert_file(llava, os.path.join(root, "images", "train2017"), mllm, log=lambda *_: None)
-    config = {
-        "dataset_param": {
-            "dataset_type": "huggingface",
-            "preprocess_parameters": {"model_name_or_path": hf_dir, "min_pixels": MIN_PIXELS,
-                                      "max_pixels": MAX_PIXELS},
-            "basic_parameters": {"template": "qwen2vl", "dataset_dir": root, "dataset": mllm,
-                                 "cache_dir": os.path.join(root, "cache"), "cutoff_len": 1024,
-                                 "preprocessing_num_workers": 1},
-        },
-        "dataloader_param": {"batch_size": 1, "num_workers": 0, "shuffle": shuffle, "drop_last": True},
-    }
+    config = data_config(hf_dir, mllm, os.path.join(root, "cache"), dataset_dir=root)
+    config["dataloader_param"].update(batch_size=1, shuffle=shuffle, drop_last=True)
     path = os.path.join(root, "data.json")
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
