@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from checkpoint.mapping import hub_key
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.models.config import Qwen2VLConfig
 
 INDEX = "model.safetensors.index.json"
@@ -32,13 +33,7 @@ def read_hf_config(hf_dir: str) -> Tuple[dict, Qwen2VLConfig]:
     if not os.path.isdir(hf_dir):
         raise UserError(f"{hf_dir}: HF checkpoint directory not found")
     path = os.path.join(hf_dir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    raw = load_json(path)
     return raw, Qwen2VLConfig.from_hf(raw, source=path)
 
 

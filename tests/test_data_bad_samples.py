@@ -9,7 +9,7 @@ import torch
 
 from mindspeed_mm.data.builder import NoUsableSamplesError, build_dataloader, build_train_valid_datasets
 from mindspeed_mm.data.config import data_config_from_dict
-from mindspeed_mm.data.jsonio import DataFileError
+from mindspeed_mm.jsonio import DataFileError
 from tests.data_fixtures import data_config, make_processor_dir, save_image, write_json
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from mindspeed_mm.data.config import DataConfigError, data_config_from_dict, load_data_config
-from mindspeed_mm.data.jsonio import DataFileError
+from mindspeed_mm.jsonio import DataFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "qwen2vl", "data.json")

@@ -53,7 +53,7 @@ def test_bad_configs_name_the_key(tmp_path):
         Qwen2VLConfig.from_dict(bad)
     path = tmp_path / "m.json"
     path.write_text('{"text": {,}}')
-    with pytest.raises(UserError, match="line 1 column 11"):
+    with pytest.raises(UserError, match="line 1, column 11"):
         Qwen2VLConfig.load(str(path))
     with pytest.raises(UserError, match="does not divide text.num_attention_heads = 28"):
         Qwen2VLConfig.load("examples/qwen2vl/model_7b.json").check_parallel(8)

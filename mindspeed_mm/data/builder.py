@@ -10,7 +10,7 @@ from mindspeed_mm.data.cache import CachedSamples, cache_key, get_or_build
 from mindspeed_mm.data.collate import Qwen2VLCollator
 from mindspeed_mm.data.config import DataConfig
 from mindspeed_mm.data.dataset import Qwen2VLDataset
-from mindspeed_mm.data.jsonio import DataFileError, load_json
+from mindspeed_mm.jsonio import DataFileError, load_json
 from mindspeed_mm.data.positions import VisionTokenIds
 from mindspeed_mm.data.preprocess import PreprocessSettings, load_processors, preprocess_records
 from mindspeed_mm.data.sampler import ResumableBatchSampler

@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from mindspeed_mm.data.jsonio import load_json
+from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.errors import UserError
 
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from mindspeed_mm.data.config import Attr
-from mindspeed_mm.data.jsonio import has_bad_text
+from mindspeed_mm.jsonio import has_bad_text
 
 IMAGE_PLACEHOLDER = "<image>"
 # Literal vision tokens in user text would be read as extra images by the tokenizer.

@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mindspeed_mm.data.jsonio import DataFileError, load_json, write_json_atomic
+from mindspeed_mm.jsonio import DataFileError, load_json, write_json_atomic
 
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
 IMAGE_PLACEHOLDER = "<image>"

@@ -2,7 +2,7 @@
 import sys
 from typing import Optional
 
-from mindspeed_mm.data.jsonio import write_json_atomic
+from mindspeed_mm.jsonio import write_json_atomic
 from mindspeed_mm.inference.generate import Generator
 from mindspeed_mm.inference.prompts import Prompt, PromptBuilder
 from mindspeed_mm.inference.stream import StreamPrinter

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import List
 
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import load_json
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -88,7 +89,7 @@ class Qwen2VLConfig:
         """A model JSON file, or a directory holding model.json (converted checkpoint)."""
         if os.path.isdir(path):
             path = os.path.join(path, "model.json")
-        data = _read_json(path)
+        data = load_json(path)
         if "vision_config" in data or "model_type" in data:  # an HF config.json given by mistake is fine
             return cls.from_hf(data, source=path)
         return cls.from_dict(data, source=path)
@@ -200,12 +201,3 @@ def _build(cls, data, source, **extra):
 def _hf_dtype(name) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(name), "bf16")
 
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None

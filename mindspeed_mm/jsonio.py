@@ -1,4 +1,4 @@
-"""JSON files in and out: one-line errors with file, line and column; atomic writes."""
+"""JSON files in and out (data, model and inference configs): one-line errors with file, line and column; atomic writes."""
 
 from __future__ import annotations
 
