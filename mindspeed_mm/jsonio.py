@@ -39,14 +39,15 @@ def has_bad_text(s: str) -> bool:
     return False
 
 
-def write_json_atomic(path: str, data) -> None:
+def write_json_atomic(path: str, data, indent=None) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
+            json.dump(data, f, ensure_ascii=False, indent=indent)
+            f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

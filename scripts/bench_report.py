@@ -6,8 +6,8 @@ A row compares one figure of ours with a reference measured in the same run:
 """
 from __future__ import annotations
 
-import json
-import os
+
+from mindspeed_mm.jsonio import write_json_atomic
 
 
 def row(benchmark: str, unit: str, better: str, ours: float, reference: float, reference_name: str,
@@ -19,10 +19,7 @@ def row(benchmark: str, unit: str, better: str, ours: float, reference: float, r
 
 def write_rows(path: str, setup: str, rows: list) -> None:
     """{"setup", "rows"} to ``path`` (through a temporary name)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"setup": setup, "rows": rows}, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, {"setup": setup, "rows": rows}, indent=1)
 
 
 def ratio(r: dict) -> float:

@@ -12,11 +12,12 @@ so a model that answers correctly after training has used its vision tower.
 """
 import argparse
 import itertools
-import json
 import os
 import random
 
 from PIL import Image, ImageDraw
+
+from mindspeed_mm.jsonio import write_json_atomic
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
@@ -72,10 +73,7 @@ def make_tiny_dataset(out_dir: str, num_images: int = 48, seed: int = 0) -> str:
             ],
         })
     path = os.path.join(out_dir, "llava_instruct_tiny.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, records, indent=1)
     return path
 
 

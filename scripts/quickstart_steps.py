@@ -20,17 +20,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mindspeed_mm.jsonio import write_json_atomic  # noqa: E402  (after the path setup)
+
 # A Megatron-style progress line: "iteration   12/  200 | ... | lm loss: 1.234E+00 |"
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([-+0-9.naninfE]+) \|")
-
-
-def write_json_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=4)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def data_json(args) -> None:
@@ -45,7 +38,7 @@ def data_json(args) -> None:
                  preprocessing_num_workers=args.workers, cutoff_len=args.cutoff_len)
     # A few dozen small samples: loader worker processes would cost more than they save.
     loader.update(num_workers=0, pin_memory=False)
-    write_json_atomic(args.out, cfg)
+    write_json_atomic(args.out, cfg, indent=4)
     print(f"wrote {args.out} (from {args.base}: model_name_or_path={args.model_dir}, dataset={args.dataset})")
 
 
@@ -103,7 +96,7 @@ def check_export(args) -> None:
         print(f"  ours: {a!r:40s} transformers: {b!r}")
     print(f"transformers loads {args.export_dir}; greedy answers equal ours on {same}/{len(hf)} images")
     write_json_atomic(args.out, {"export_dir": args.export_dir, "compared": len(hf), "same": same,
-                                 "ours": ours, "transformers": hf})
+                                 "ours": ours, "transformers": hf}, indent=4)
 
 
 def losses(path: str) -> dict[int, float]:

@@ -7,13 +7,12 @@ flags).  :meth:`Qwen2VLConfig.from_hf` derives it from any Hugging Face
 Qwen2-VL ``config.json`` (the hub's flat form or transformers 5's nested
 ``text_config`` form).
 """
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import List
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.jsonio import load_json
+from mindspeed_mm.jsonio import load_json, write_json_atomic
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -95,11 +94,7 @@ class Qwen2VLConfig:
         return cls.from_dict(data, source=path)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=2)
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "Qwen2VLConfig":
