@@ -29,10 +29,18 @@ from mindspeed_mm.models.vision_encoder import VisionEncoder
 
 
 def padding_to_megatron_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """HF [b, s] (1 = token, 0 = pad) -> megatron bool [b, 1, 1, s] (True = masked key), None when no padding."""
-    if attention_mask is None or bool(attention_mask.bool().all()):
+    """HF [b, s] (1 = token, 0 = pad) -> megatron bool [b, 1, 1, s] (True = masked key) for the causal LLM.
+
+    None when no real token can see a pad: no padding, or right padding only (every row ones, then
+    zeros), where the causal mask already hides the pads; only the pads' own outputs, which nothing
+    uses, differ.  Training batches are right-padded, so they keep the fast causal kernels.
+    """
+    if attention_mask is None:
         return None
-    return ~attention_mask.bool()[:, None, None, :]
+    keep = attention_mask.bool()
+    if bool((keep[:, 1:] <= keep[:, :-1]).all()):
+        return None
+    return ~keep[:, None, None, :]
 
 
 class Qwen2VLModel(MegatronModule):
