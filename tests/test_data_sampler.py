@@ -54,7 +54,7 @@ def _sample(n, image=False):
             "image_grid_thw": torch.tensor([[1, 2, 2]]) if image else None}
 
 
-def test_collate_pads_right_to_longest_or_multiple():
+def test_collate_pads_right_to_longest_multiple_or_length():
     b = Qwen2VLCollator(pad_token_id=99)([_sample(3, image=True), _sample(5), _sample(2, image=True)])
     assert b["input_ids"].shape == (3, 5) and b["position_ids"].shape == (3, 3, 5)
     assert b["input_ids"][0].tolist() == [1, 2, 3, 99, 99]
@@ -63,3 +63,6 @@ def test_collate_pads_right_to_longest_or_multiple():
     assert b["pixel_values"].shape == (8, 1176) and b["image_grid_thw"].shape == (2, 3)
     b = Qwen2VLCollator(pad_token_id=99, pad_to_multiple_of=4)([_sample(5)])
     assert b["input_ids"].shape == (1, 8) and b["pixel_values"] is None and b["image_grid_thw"] is None
+    b = Qwen2VLCollator(pad_token_id=99, min_length=7)([_sample(3), _sample(2)])  # --seq-length batches
+    assert b["input_ids"].shape == (2, 7) and b["labels"][0].tolist() == [1, 2, 3] + [-100] * 4
+    assert b["attention_mask"].sum(1).tolist() == [3, 2]

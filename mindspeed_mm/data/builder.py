@@ -94,15 +94,17 @@ def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None
 
 def build_dataloader(dataset: Qwen2VLDataset, config: DataConfig, consumed_samples: int = 0,
                      seed: int = 1234, dp_rank: int = 0, dp_size: int = 1,
-                     pad_to_multiple_of: int | None = None, pin_memory: bool | None = None):
+                     pad_to_multiple_of: int | None = None, pin_memory: bool | None = None,
+                     min_length: int = 0):
     """An endless DataLoader of collated micro-batches for this data-parallel rank, resuming
     after `consumed_samples` global samples. `pad_to_multiple_of` (e.g. the tensor-parallel
-    size under sequence parallelism) overrides collate_param.pad_to_multiple_of."""
+    size under sequence parallelism) overrides collate_param.pad_to_multiple_of; batches are
+    padded to at least `min_length` tokens."""
     dl = config.dataloader_param
     sampler = ResumableBatchSampler(len(dataset), dl.batch_size, dp_rank, dp_size, consumed_samples,
                                     dl.shuffle, seed, dl.drop_last)
     collate = Qwen2VLCollator(dataset.pad_token_id, pad_to_multiple_of or dl.collate_param.pad_to_multiple_of,
-                              dl.collate_param.ignore_pad_token_for_loss)
+                              dl.collate_param.ignore_pad_token_for_loss, min_length)
     if pin_memory is None:
         from mindspeed_mm.platform import current_platform
 

@@ -1,4 +1,4 @@
-"""Micro-batch collation: right padding to the longest sample (or a multiple of it)."""
+"""Micro-batch collation: right padding to the longest sample (or a multiple of it, or a fixed length)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ class Qwen2VLCollator:
     pixel_values [patches, 1176] and image_grid_thw [n_images, 3] (None without images).
     Labels are aligned with input_ids (not shifted)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, ignore_pad_token_for_loss: bool = True):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, ignore_pad_token_for_loss: bool = True,
+                 min_length: int = 0):
         self.pad_token_id = pad_token_id
         self.multiple = max(1, pad_to_multiple_of)
+        self.min_length = min_length  # fixed-shape batches (--seq-length without --variable-seq-lengths)
         self.label_pad = IGNORE_INDEX if ignore_pad_token_for_loss else pad_token_id
 
     def __call__(self, samples: list[dict]) -> dict:
-        longest = max(len(s["input_ids"]) for s in samples)
+        longest = max(self.min_length, max(len(s["input_ids"]) for s in samples))
         seq = -(-longest // self.multiple) * self.multiple  # sequence parallelism needs s % tp == 0
         b = len(samples)
         batch = {

@@ -139,7 +139,8 @@ class Batches:
         try:
             loader = build_dataloader(dataset, data_cfg, consumed_samples=consumed_samples, seed=args.seed,
                                       dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                                      pad_to_multiple_of=multiple)
+                                      pad_to_multiple_of=multiple,
+                                      min_length=0 if args.variable_seq_lengths else args.seq_length)
         except ValueError as exc:  # fewer samples than one micro-batch per data-parallel rank
             raise UserError(f"{args.mm_data}: {exc}") from None
         self.iterator = iter(loader)
@@ -149,30 +150,13 @@ class Batches:
         return [self._prepare(next(self.iterator)) for _ in range(self.args.num_microbatches)]
 
     def _prepare(self, batch):
-        if not self.args.variable_seq_lengths:
-            batch = pad_to_length(batch, self.args.seq_length, self.args.mm_data)
+        s = batch["input_ids"].shape[1]
+        if not self.args.variable_seq_lengths and s > self.args.seq_length:
+            raise UserError(f"--seq-length {self.args.seq_length}: a micro-batch of {self.args.mm_data} has {s} "
+                            f"tokens; raise --seq-length, lower cutoff_len in the data JSON, or pass "
+                            f"--variable-seq-lengths")
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                 for k, v in batch.items()}
-
-
-def pad_to_length(batch, length, source):
-    """Right-pad a collated batch to --seq-length (padding is masked and unsupervised)."""
-    b, s = batch["input_ids"].shape
-    if s > length:
-        raise UserError(f"--seq-length {length}: a micro-batch of {source} has {s} tokens; raise --seq-length, "
-                        f"lower cutoff_len in the data JSON, or pass --variable-seq-lengths")
-    if s == length:
-        return batch
-    extra = length - s
-    out = dict(batch)
-    pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
-    out["input_ids"] = pad(batch["input_ids"], 0)
-    out["labels"] = pad(batch["labels"], -100)
-    out["attention_mask"] = pad(batch["attention_mask"], 0)
-    out["position_ids"] = pad(batch["position_ids"], 0)
-    if "mm_token_type_ids" in batch:
-        out["mm_token_type_ids"] = pad(batch["mm_token_type_ids"], 0)
-    return out
 
 
 def forward_step(data_iterator, model, inject_nan=False):
