@@ -36,8 +36,9 @@ from checkpoint.megatron_io import (
     stage_layers_of,
     write_tracker,
 )
+from checkpoint.layout import LAYOUT_FILE, format_layout, iteration_dir, read_layout, write_layout
 from checkpoint.parallel import MergedView, shard_state, stage_layer_counts, stage_names
-from checkpoint.staging import check_save_dir, staged_dir
+from checkpoint.staging import check_save_dir, staged_dir, writing
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
 
@@ -96,10 +97,11 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
         def write_rank(p: int, t: int) -> int:
             path = rank_file(tmp, "release", t, p, pp)
             specs = rank_specs(hf, cfg, names[p], tp, t, files, tick) if streamed else None
-            if specs is not None:
-                return save_rank_streamed(path, specs)
-            state = shard_state(ours, cfg, tp, t, stage_layers, p)  # one rank's tensors in memory at a time
-            return save_rank(path, state)
+            with writing(path):
+                if specs is not None:
+                    return save_rank_streamed(path, specs)
+                state = shard_state(ours, cfg, tp, t, stage_layers, p)  # one rank's tensors in memory at a time
+                return save_rank(path, state)
 
         ranks = [(p, t) for p in range(pp) for t in range(tp)]
         # Byte copies run in the kernel without the GIL: one rank file per core, as cp cannot.
@@ -109,9 +111,14 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
                 summary.bytes_written += written
                 summary.tensors += len(names[p])
                 summary.files.append(os.path.relpath(rank_file(tmp, "release", t, p, pp), tmp))
-        write_tracker(tmp, "release")
-        cfg.save(os.path.join(tmp, "model.json"))
-        summary.files += ["latest_checkpointed_iteration.txt", "model.json"]
+        release = iteration_dir(tmp, "release")
+        with writing(os.path.join(release, LAYOUT_FILE)):  # read back by training, inference and the export
+            write_layout(release, tp, stage_layers)
+        with writing(os.path.join(tmp, "latest_checkpointed_iteration.txt")):
+            write_tracker(tmp, "release")
+        with writing(os.path.join(tmp, "model.json")):
+            cfg.save(os.path.join(tmp, "model.json"))
+        summary.files += [f"release/{LAYOUT_FILE}", "latest_checkpointed_iteration.txt", "model.json"]
     summary.seconds = time.time() - start
     return summary
 
@@ -147,7 +154,11 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
     layout = find_layout(load_dir, iteration)
     check_save_dir(save_dir, overwrite, [load_dir, hf_dir])
     states = {r: load_rank(layout.rank_file(*r)) for r in layout.ranks()}  # memory-mapped
-    full = MergedView(states, cfg, stage_layers_of(layout, states))
+    config_source = (os.path.join(load_dir, "model.json") if os.path.isfile(os.path.join(load_dir, "model.json"))
+                     else os.path.join(hf_dir, "config.json"))
+    stage_layers = _recorded_stage_layers(layout, states, cfg, config_source)
+    full = MergedView(states, cfg, stage_layers, config_source=config_source,
+                      rank_name=lambda t, p: layout.rank_file(t, p))
     hf_state = OursToHF(full, cfg)
     cast = TORCH_DTYPES[params_dtype] if params_dtype else None
     summary = Summary(save_dir)
@@ -161,11 +172,30 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
         files = write_hf_shards(tmp, list(hf_state), get, max_shard_bytes, on_tensor=tick)
         summary.files = files + copy_hf_side_files(hf_dir, tmp)
         if params_dtype:
-            _set_config_dtype(os.path.join(tmp, "config.json"), raw_config, params_dtype)
+            with writing(os.path.join(tmp, "config.json")):
+                _set_config_dtype(os.path.join(tmp, "config.json"), raw_config, params_dtype)
         summary.tensors = len(hf_state)
         summary.bytes_written = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
     summary.seconds = time.time() - start
     return summary
+
+
+def _recorded_stage_layers(layout, states, cfg: Qwen2VLConfig, config_source: str) -> List[int]:
+    """LLM layers per stage from the rank files, checked against layout.json (when the checkpoint has one)
+    and against the model config's num_layers."""
+    found = stage_layers_of(layout, states)
+    path = os.path.join(layout.directory, LAYOUT_FILE)
+    recorded = read_layout(layout.directory)
+    if recorded["pipeline_num_layers"] is not None:
+        on_disk = {"tensor_model_parallel_size": layout.tp_size, "pipeline_model_parallel_size": layout.pp_size,
+                   "pipeline_num_layers": found}
+        if recorded != on_disk:
+            raise UserError(f"{path}: records {format_layout(recorded)} but the rank files hold "
+                            f"{format_layout(on_disk)}")
+    if sum(found) != cfg.text.num_layers:
+        raise UserError(f"{layout.directory}: the checkpoint holds {sum(found)} LLM layers {found} but "
+                        f"{config_source} asks text.num_layers = {cfg.text.num_layers}")
+    return found
 
 
 def _checked_model_config(load_dir: str, hf_cfg: Qwen2VLConfig, hf_dir: str) -> Qwen2VLConfig:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint.mapping import hub_key
+from checkpoint.staging import writing
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.models.config import Qwen2VLConfig
@@ -100,16 +101,21 @@ def _scan_header(path: str) -> List[Tuple[str, Tuple[int, ...], torch.dtype, int
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        out = []
+        out, data_end = [], 0
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            begin, _ = info["data_offsets"]
+            begin, end = info["data_offsets"]
+            data_end = max(data_end, int(end))
             out.append((name, tuple(info["shape"]), _DTYPES.get(info["dtype"], info["dtype"]), 8 + size + begin))
-        return out
+        actual = os.path.getsize(path)
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise UserError(f"{path}: cannot read the safetensors header ({exc.__class__.__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if actual < 8 + size + data_end:
+        raise UserError(f"{path}: truncated: its header lists {8 + size + data_end:,} bytes, the file has "
+                        f"{actual:,} (an interrupted download or copy?)")
+    return out
 
 
 def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], torch.Tensor],
@@ -122,7 +128,8 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
         nonlocal shard, shard_bytes
         if shard:
             file = f"shard-{len(files) + 1:05d}.tmp"
-            save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+            with writing(os.path.join(out_dir, file)):
+                save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
             files.append((file, list(shard)))
         shard, shard_bytes = {}, 0
 
@@ -143,7 +150,7 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
         os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
         weight_map.update({k: name for k in keys})
         final.append(name)
-    with open(os.path.join(out_dir, INDEX), "w") as f:
+    with writing(os.path.join(out_dir, INDEX)), open(os.path.join(out_dir, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         f.write("\n")
     return final + [INDEX]
@@ -155,7 +162,8 @@ def copy_hf_side_files(hf_dir: str, out_dir: str) -> List[str]:
     for name in sorted(os.listdir(hf_dir)):
         src = os.path.join(hf_dir, name)
         if os.path.isfile(src) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith("."):
-            shutil.copy2(src, os.path.join(out_dir, name))
+            with writing(os.path.join(out_dir, name)):
+                shutil.copy2(src, os.path.join(out_dir, name))
             copied.append(name)
     return copied
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.utils.serialization
 
 from checkpoint import torch_zip
 from checkpoint.torch_zip import TensorSpec
@@ -30,12 +29,20 @@ def rank_file(root: str, iteration, tp_rank: int, pp_rank: int, pp_size: int) ->
 
 
 def save_rank(path: str, model_state: Dict[str, torch.Tensor], iteration=0) -> int:
-    """Write one rank's ``{'model': ...}`` file as megatron does; returns its size in bytes."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # No zip CRC: torch.load does not check it, and computing it costs as much as the write itself.
-    with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
-        torch.save({"model": model_state, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, path)
-    return os.path.getsize(path)
+    """Write one rank's ``{'model': ...}`` file as megatron does (torch.save's format); returns its size.
+
+    Written by checkpoint/torch_zip.py rather than torch.save, so a full disk raises OSError with its
+    errno (torch.save reports only 'unexpected pos'), and each tensor's own bytes are written, not the
+    whole storage a view points into."""
+    return save_rank_streamed(path, {name: _tensor_spec(t) for name, t in model_state.items()}, iteration)
+
+
+def _tensor_spec(t: torch.Tensor) -> TensorSpec:
+    t = t.detach().contiguous()
+
+    def fill(f, nbytes: int) -> None:
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return TensorSpec(t.dtype, t.shape, fill)
 
 
 def save_rank_streamed(path: str, specs: Dict[str, TensorSpec], iteration=0) -> int:

@@ -13,7 +13,7 @@ padding back to ``padded_vocab_size(1)``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,37 +21,54 @@ from checkpoint.mapping import (COLUMN, EMBEDDING, GATED_COLUMN, OUTPUT_LAYER, R
                                 VOCAB, entries, pad_vocab, split_kind)
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.parallel import check_stage_layers
 
 _TEXT_PREFIX = TEXT_LAYER.split("{i}")[0]  # "language_model.decoder.layers."
 
 
 # ---- pipeline stages ------------------------------------------------------------------------
 
+def parse_int_list(values, flag: str) -> Optional[List[int]]:
+    """Integers from either spelling: separate arguments (``0 0 10 20``), one comma list (``0,0,10,20``),
+    or a mix (``[0, 0,10 20]``); None stays None."""
+    if values is None:
+        return None
+    if isinstance(values, (str, int)):
+        values = [values]
+    parts = [p for v in values for p in str(v).replace(",", " ").strip().strip("[]").split() if p]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"{flag}: expected integers separated by spaces or commas, "
+                        f"got {' '.join(map(str, values))!r}") from None
+
+
 def stage_layer_counts(num_layers: int, pipeline_layer_index: Optional[Sequence[int]] = None,
                        pipeline_num_layers: Optional[Sequence[int]] = None) -> List[int]:
-    """LLM layers per pipeline stage.
+    """LLM layers per pipeline stage, checked by the rule training uses
+    (``mindspeed_mm.models.parallel.check_stage_layers``).
 
     ``pipeline_layer_index`` is the guide's form: the first LLM layer of each
     stage ([0, 0, 10, 20] with 28 layers -> [0, 10, 10, 8]);
-    ``pipeline_num_layers`` gives the counts directly.  Neither: one stage.
+    ``pipeline_num_layers`` gives the counts directly.  Either may also be a
+    string, with spaces or commas.  Neither: one stage.
     """
     if pipeline_layer_index is not None and pipeline_num_layers is not None:
         raise UserError("give either --pipeline-layer-index or --pipeline-num-layers, not both")
+    pipeline_layer_index = parse_int_list(pipeline_layer_index, "--pipeline-layer-index")
+    pipeline_num_layers = parse_int_list(pipeline_num_layers, "--pipeline-num-layers")
     if pipeline_num_layers is not None:
-        counts = [int(n) for n in pipeline_num_layers]
-        if not counts or any(n < 0 for n in counts) or sum(counts) != num_layers:
-            raise UserError(f"--pipeline-num-layers {' '.join(map(str, counts))}: needs non-negative counts "
-                            f"summing to num_layers = {num_layers}")
-        return counts
+        flag = f"--pipeline-num-layers {','.join(map(str, pipeline_num_layers))}"
+        return check_stage_layers(pipeline_num_layers, num_layers, flag)
     if pipeline_layer_index is None:
         return [num_layers]
-    starts = [int(i) for i in pipeline_layer_index]
-    flag = f"--pipeline-layer-index {' '.join(map(str, starts))}"
+    starts = pipeline_layer_index
+    flag = f"--pipeline-layer-index {','.join(map(str, starts))}"
     if not starts or starts[0] != 0:
         raise UserError(f"{flag}: the first stage must start at layer 0")
     if any(b < a for a, b in zip(starts, starts[1:])) or starts[-1] > num_layers:
         raise UserError(f"{flag}: start layers must be non-decreasing and at most num_layers = {num_layers}")
-    return [b - a for a, b in zip(starts, starts[1:] + [num_layers])]
+    return check_stage_layers([b - a for a, b in zip(starts, starts[1:] + [num_layers])], num_layers, flag)
 
 
 def stage_offsets(stage_layers: Sequence[int]) -> List[int]:
@@ -169,7 +186,8 @@ class MergedView(Mapping):
     """
 
     def __init__(self, shards: Mapping[Tuple[int, int], Mapping[str, torch.Tensor]], cfg: Qwen2VLConfig,
-                 stage_layers: Sequence[int]):
+                 stage_layers: Sequence[int], config_source: str = "the model config",
+                 rank_name: Optional[Callable[[int, int], str]] = None):
         self.shards, self.cfg = shards, cfg
         tps = sorted({tp for tp, _ in shards})
         pps = sorted({pp for _, pp in shards})
@@ -183,6 +201,8 @@ class MergedView(Mapping):
             names = stage_names(cfg, stage_layers, pp)
             for tp in tps:
                 _check_rank_keys(shards[(tp, pp)].keys(), {local for local, _ in names}, tp, pp)
+                _check_rank_shapes(shards[(tp, pp)], names, cfg, len(tps), tp, pp, config_source,
+                                   rank_name(tp, pp) if rank_name else f"checkpoint rank tp={tp} pp={pp}")
             for local, source in names:
                 if source == EMBEDDING and local == OUTPUT_LAYER:
                     continue
@@ -197,6 +217,17 @@ class MergedView(Mapping):
 
     def __len__(self):
         return len(self.where)
+
+
+def _check_rank_shapes(state, names, cfg, tp_size, tp, pp, config_source, where):
+    """Every tensor of one rank has the shape ``cfg`` at ``tp_size`` gives its piece (names from stage_names)."""
+    full = {e.ours: e.param.shape(cfg) for e in entries(cfg)}
+    for local, source in names:
+        want = tuple(shard_tensor(local, torch.empty(full[source], device="meta"), cfg, tp_size, tp).shape)
+        got = tuple(state[local].shape)
+        if got != want:
+            raise UserError(f"{where}: {local} has shape {list(got)} but {config_source} at TP {tp_size} asks "
+                            f"{list(want)}: the checkpoint does not match this model config / layout")
 
 
 def _check_rank_keys(keys, want, tp, pp):

@@ -161,8 +161,15 @@ def test_stage_layer_counts():
     for bad in ([1, 10], [0, 20, 10], [0, 30]):
         with pytest.raises(UserError, match="pipeline-layer-index"):
             stage_layer_counts(28, bad)
-    with pytest.raises(UserError, match="summing to num_layers = 28"):
+    with pytest.raises(UserError, match="summing to 28"):
         stage_layer_counts(28, pipeline_num_layers=[10, 10])
+    # both spellings, and the rule training applies: the last stage holds an LLM layer
+    assert stage_layer_counts(28, "0,0,10,20") == stage_layer_counts(28, ["0", "0,10", "20"]) == [0, 10, 10, 8]
+    assert stage_layer_counts(28, pipeline_num_layers="0,10,10,8") == [0, 10, 10, 8]
+    with pytest.raises(UserError, match="last pipeline stage must hold at least one LLM layer"):
+        stage_layer_counts(2, [0, 2])
+    with pytest.raises(UserError, match="last pipeline stage"):
+        stage_layer_counts(3, pipeline_num_layers=[3, 0])
 
 
 def test_bad_states_name_the_parameter(hf_state):

@@ -88,7 +88,10 @@ def test_round_trip_is_bit_identical(hf_dirs, tmp_path, tied, internal, tp, laye
     pp = len(layer_index or [0])
     ranks = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") for p in range(pp) for t in range(tp)]
     assert (mm / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
-    assert sorted(os.listdir(mm / "release")) == sorted(ranks)
+    assert sorted(os.listdir(mm / "release")) == sorted(ranks + ["layout.json"])
+    assert json.loads((mm / "release" / "layout.json").read_text()) == {
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "pipeline_num_layers": [b - a for a, b in zip(layer_index, layer_index[1:] + [3])] if layer_index else [3]}
     assert sorted(os.listdir(mm)) == ["latest_checkpointed_iteration.txt", "model.json", "release"]
     saved = torch.load(mm / "release" / ranks[-1] / "model_optim_rng.pt", weights_only=False)
     assert set(saved) >= {"model", "checkpoint_version", "iteration"}
@@ -197,9 +200,9 @@ def test_cli_and_launcher(hf_dirs, tmp_path):
     run = subprocess.run(["bash", os.path.join(ROOT, "examples/qwen2vl/modelconvert.sh"), "--no-progress"],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "converted" in run.stdout and "6 files" in run.stdout  # 4 rank files, tracker, model.json
+    assert "converted" in run.stdout and "7 files" in run.stdout  # 4 rank files, layout.json, tracker, model.json
     assert sorted(os.listdir(tmp_path / "mm" / "release")) == \
-        ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+        ["layout.json", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     run = _cli("qwen2vl_convert_to_hf.py", "--load-dir", str(tmp_path / "mm"), "--save-dir",
                str(tmp_path / "hf"), "--hf-dir", str(src))
     assert run.returncode == 0, run.stderr
@@ -268,7 +271,7 @@ def test_overwrite_and_interrupted_conversion(hf_dirs, tmp_path, monkeypatch):
         return real_save(path, specs, iteration)
 
     monkeypatch.setattr(convert, "save_rank_streamed", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="model_optim_rng.pt: no space left on device"):
         convert_hf_to_mm(str(src), str(tmp_path / "new"), tensor_parallel_size=2, progress=False)
     assert written and not os.path.exists(written[0])
     assert sorted(os.listdir(tmp_path)) == ["mm"]  # no partial folder, no temporary left behind

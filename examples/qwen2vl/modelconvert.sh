@@ -2,7 +2,9 @@
 # One-step weight conversion: Hugging Face Qwen2-VL -> our Megatron layout (any TP x PP split).
 # Every variable can be set from the environment, e.g.
 #   TP=2 PIPELINE_LAYER_INDEX="0 14" bash examples/qwen2vl/modelconvert.sh
-# PIPELINE_LAYER_INDEX is the first LLM layer of each pipeline stage ("0" = no pipeline split).
+# PIPELINE_LAYER_INDEX is the first LLM layer of each pipeline stage ("0" = no pipeline split), written
+# "0 0 10 20" or "0,0,10,20" (the launchers' spelling). The split is recorded in SAVE_DIR/release/layout.json,
+# so the fine-tuning and inference launchers need not be given it again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

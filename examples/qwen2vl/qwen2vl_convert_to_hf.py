@@ -4,7 +4,8 @@
         --save-dir ckpt/Qwen2-VL-7B-finetuned --hf-dir ckpt/hf_path/Qwen2-VL-7B-Instruct
 
 Writes sharded safetensors (hub key layout) with model.safetensors.index.json and
-copies config, tokenizer, processor and generation files from --hf-dir; the folder
+copies config, tokenizer, processor and generation files from --hf-dir; the layout is
+read from the checkpoint (its layout.json when present, checked against the rank files); the folder
 loads with Qwen2VLForConditionalGeneration.from_pretrained and serves with vLLM.
 """
 import argparse

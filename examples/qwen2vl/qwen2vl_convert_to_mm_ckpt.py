@@ -5,8 +5,10 @@
         --tensor-parallel-size 1 --pipeline-layer-index 0 0 10 20
 
 Writes SAVE_DIR/latest_checkpointed_iteration.txt ("release"),
-SAVE_DIR/release/mp_rank_XX[_YYY]/model_optim_rng.pt and SAVE_DIR/model.json
+SAVE_DIR/release/mp_rank_XX[_YYY]/model_optim_rng.pt, SAVE_DIR/release/layout.json (TP and
+LLM layers per stage, read by training, inference and the HF export) and SAVE_DIR/model.json
 (usable as --mm-model).  `--pipeline-layer-index 0` (or `--pipeline-num-layers N`) means no PP.
+Stage lists take either spelling: `0 0 10 20` or `0,0,10,20` (as the launchers take them).
 """
 import argparse
 import os
@@ -15,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from checkpoint.convert import TORCH_DTYPES, convert_hf_to_mm  # noqa: E402
+from checkpoint.parallel import parse_int_list  # noqa: E402
 from mindspeed_mm.errors import cli_main  # noqa: E402
 
 
@@ -24,16 +27,19 @@ def parse_args(argv=None):
     ap.add_argument("--save-dir", default="ckpt/Qwen2-VL-7B-Instruct", help="output folder (must be empty)")
     ap.add_argument("--tensor-parallel-size", "--target-tensor-parallel-size", type=int, default=1)
     stages = ap.add_mutually_exclusive_group()
-    stages.add_argument("--pipeline-layer-index", type=int, nargs="+", default=None,
-                        help="first LLM layer of each pipeline stage (default: 0 0 10 20, the guide's split)")
-    stages.add_argument("--pipeline-num-layers", type=int, nargs="+", default=None,
-                        help="LLM layers per pipeline stage, e.g. 0 10 10 8")
+    stages.add_argument("--pipeline-layer-index", nargs="+", default=None,
+                        help="first LLM layer of each pipeline stage, as 0 0 10 20 or 0,0,10,20 "
+                             "(default: 0,0,10,20, the guide's split)")
+    stages.add_argument("--pipeline-num-layers", nargs="+", default=None,
+                        help="LLM layers per pipeline stage, as 0 10 10 8 or 0,10,10,8")
     ap.add_argument("--num-layers", type=int, default=None, help="checked against the HF config")
     ap.add_argument("--params-dtype", choices=sorted(TORCH_DTYPES), default=None,
                     help="default: keep the checkpoint's own dtype")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    args.pipeline_layer_index = parse_int_list(args.pipeline_layer_index, "--pipeline-layer-index")
+    args.pipeline_num_layers = parse_int_list(args.pipeline_num_layers, "--pipeline-num-layers")
     if args.pipeline_layer_index is None and args.pipeline_num_layers is None:
         args.pipeline_layer_index = [0, 0, 10, 20]
     return args
@@ -41,7 +47,7 @@ def parse_args(argv=None):
 
 @cli_main
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # inside cli_main: a bad stage list is one error line
     summary = convert_hf_to_mm(
         args.load_dir, args.save_dir, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_layer_index=args.pipeline_layer_index, pipeline_num_layers=args.pipeline_num_layers,

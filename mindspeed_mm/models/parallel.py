@@ -16,11 +16,18 @@ RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = (None, "uniform", "block")
 
 
-def check_stage_layers(stage_layers: Sequence[int], num_layers: int) -> List[int]:
-    counts = list(stage_layers)
+def check_stage_layers(stage_layers: Sequence[int], num_layers: int, what: str = None) -> List[int]:
+    """The one rule for a pipeline split, shared by the converter, training and the model: non-negative
+    LLM layer counts summing to ``num_layers``, and with PP > 1 the last stage (final norm, output
+    layer, loss) holds at least one LLM layer.  ``what`` names the flag in the message."""
+    counts = [int(c) for c in stage_layers]
+    what = what or f"pipeline stage layers {counts}"
     if not counts or any(c < 0 for c in counts) or sum(counts) != num_layers:
-        raise UserError(f"pipeline stage layers {counts}: need non-negative counts summing to "
-                        f"{num_layers} LLM layers")
+        raise UserError(f"{what}: needs non-negative LLM layer counts per stage summing to "
+                        f"{num_layers}, the model's LLM layers (got {counts})")
+    if len(counts) > 1 and counts[-1] == 0:
+        raise UserError(f"{what}: stage layers {counts}: the last pipeline stage must hold at least one "
+                        f"LLM layer")
     return counts
 
 
