@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from checkpoint.mapping import hub_key
 from checkpoint.staging import writing
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.jsonio import load_json
+from mindspeed_mm.jsonio import apply_umask_mode, load_json
 from mindspeed_mm.models.config import Qwen2VLConfig
 
 INDEX = "model.safetensors.index.json"
@@ -130,6 +130,7 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
             file = f"shard-{len(files) + 1:05d}.tmp"
             with writing(os.path.join(out_dir, file)):
                 save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+            apply_umask_mode(os.path.join(out_dir, file))  # safetensors creates its files 0600
             files.append((file, list(shard)))
         shard, shard_bytes = {}, 0
 
@@ -157,13 +158,14 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
 
 
 def copy_hf_side_files(hf_dir: str, out_dir: str) -> List[str]:
-    """Config, tokenizer, processor, generation and chat-template files: every top-level file but weights."""
+    """Config, tokenizer, processor, generation and chat-template files: every top-level file but weights.
+    Contents only (not the source's permissions): the copies get the umask's mode, as written files do."""
     copied = []
     for name in sorted(os.listdir(hf_dir)):
         src = os.path.join(hf_dir, name)
         if os.path.isfile(src) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith("."):
             with writing(os.path.join(out_dir, name)):
-                shutil.copy2(src, os.path.join(out_dir, name))
+                shutil.copyfile(src, os.path.join(out_dir, name))
             copied.append(name)
     return copied
 
