@@ -177,7 +177,7 @@ def test_guide_launcher_trains_and_continues(tiny):
     assert sorted(losses(first.stdout)) == [1, 2]
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "2"
     launcher_env.update(LOAD_PATH=save, TRAIN_ITERS="3")
-    second = subprocess.run(["bash", script, "--device", "cpu"], env=launcher_env, cwd=ROOT,
+    second = subprocess.run(["bash", script, "--device", "cpu", "--override-opt-param-scheduler"], env=launcher_env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert "at iteration 2" in second.stdout and sorted(losses(second.stdout)) == [3]

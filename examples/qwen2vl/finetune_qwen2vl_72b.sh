@@ -13,7 +13,7 @@ SAVE_PATH=${SAVE_PATH:-save_dir}
 
 TP=${TP:-8}
 PP=${PP:-4}
-# 80 LLM layers over 4 stages; stage 0 also holds the ViT, so it takes fewer layers.
-if [ -z "${PIPELINE_NUM_LAYERS+x}" ] && [ "$PP" = 4 ]; then PIPELINE_NUM_LAYERS=14,22,22,22; fi
+# 80 LLM layers over 4 stages, stage 0 with fewer (it also holds the ViT), e.g. 14,22,22,22: read from
+# the checkpoint (recorded by the conversion); PIPELINE_NUM_LAYERS only for a checkpoint without the record.
 
 source "$(dirname "${BASH_SOURCE[0]}")/finetune_qwen2vl_common.sh"

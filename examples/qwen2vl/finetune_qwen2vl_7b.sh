@@ -13,7 +13,7 @@ SAVE_PATH=${SAVE_PATH:-save_dir}
 
 TP=${TP:-1}
 PP=${PP:-4}
-# The guide's split: pipeline_layer_index [0, 0, 10, 20] = LLM layers per stage 0,10,10,8 (stage 0: ViT + embedding).
-if [ -z "${PIPELINE_NUM_LAYERS+x}" ] && [ "$PP" = 4 ]; then PIPELINE_NUM_LAYERS=0,10,10,8; fi
+# LLM layers per pipeline stage: read from the checkpoint (recorded by the conversion, e.g. the
+# guide's [0, 0, 10, 20]); PIPELINE_NUM_LAYERS=0,10,10,8 only when the checkpoint has no record.
 
 source "$(dirname "${BASH_SOURCE[0]}")/finetune_qwen2vl_common.sh"

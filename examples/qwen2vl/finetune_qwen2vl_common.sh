@@ -68,10 +68,24 @@ OUTPUT_ARGS="
 LOG_DIR=${LOG_DIR:-logs}
 mkdir -p "$LOG_DIR"
 logfile="$LOG_DIR/train_$(date +%Y%m%d_%H%M%S).log"
-# Everything below also goes to the log; tee ignores SIGTERM/SIGINT so that it outlives a
-# pre-emption and records the final save.
-exec 3>&1 4>&2 > >(trap '' TERM INT; exec tee "$logfile") 2>&1
-TEE_PID=$!
+# Everything below also goes to the log.  The terminal gets one line for a user's mistake (no
+# per-rank repeats, no torchrun failure report: mindspeed_mm/training/console.py); the console
+# ignores SIGTERM/SIGINT so that it outlives a pre-emption and records the final save.
+exec 3>&1 4>&2 > >(exec python -m mindspeed_mm.training.console "$logfile") 2>&1
+CONSOLE_PID=$!
+finish() {
+    exec 1>&3 2>&4  # end of the log: let the console finish writing it
+    wait "$CONSOLE_PID" || true
+    if [ "$1" != 0 ] && [ -s "$logfile.error" ]; then exit 2; fi  # a user's mistake, already printed
+    exit "$1"
+}
+
+# Everything that can be checked without the processes, once, before any is started:
+# flags, the three JSONs, the checkpoint to load, the save folder.
+status=0
+WORLD_SIZE=$WORLD_SIZE NODE_RANK=$NODE_RANK python "$ROOT/pretrain_qwen2vl.py" --preflight \
+    $GPT_ARGS $MM_ARGS $OUTPUT_ARGS "$@" || status=$?
+[ "$status" = 0 ] || finish "$status"
 
 # Pre-emption (SIGTERM, or SIGINT / Ctrl-C): the training processes finish their iteration,
 # save and exit 0.  torchrun must not see the signal: it would kill them 30 s later and fail
@@ -80,7 +94,9 @@ TEE_PID=$!
 # children; to torchrun itself while it has none yet); torchrun then sees them succeed and
 # the job exits 0.  Signals sent to every process of the job (e.g. Slurm's scancel) still
 # reach torchrun, which then forwards them itself and exits non-zero after the save.
-setsid torchrun $DISTRIBUTED_ARGS "$ROOT/pretrain_qwen2vl.py" \
+# A launcher killed outright (kill -9) takes the job with it: torchrun gets SIGKILL from the
+# kernel when this shell dies (orphans.py), and each training process ends when torchrun does.
+setsid python -m mindspeed_mm.training.orphans torchrun $DISTRIBUTED_ARGS "$ROOT/pretrain_qwen2vl.py" \
     $GPT_ARGS \
     $MM_ARGS \
     $OUTPUT_ARGS \
@@ -91,8 +107,5 @@ trap 'forward TERM' TERM
 trap 'forward INT' INT
 # A trapped signal interrupts `wait`: wait again until torchrun has ended (bash keeps its status).
 while kill -0 "$TORCHRUN_PID" 2>/dev/null; do wait "$TORCHRUN_PID" || true; done
-status=0
 wait "$TORCHRUN_PID" || status=$?
-exec 1>&3 2>&4  # end of the log: let tee finish writing it
-wait "$TEE_PID" || true
-exit "$status"
+finish "$status"

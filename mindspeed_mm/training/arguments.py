@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="100,0,0",
                    help="train,valid,test weights of a deterministic split of the data; valid feeds --eval-*")
     g.add_argument("--device", default=None, help="auto|npu|cuda|cpu (default: auto, or $MM_DEVICE)")
+    g.add_argument("--preflight", action="store_true",
+                   help="check the flags, JSONs, checkpoint and save folder, then exit (the launchers run "
+                        "this before torchrun; WORLD_SIZE gives the number of processes to check for)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -62,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="samples per optimizer step; gradient accumulation = GBS / (MBS x DP)")
     g.add_argument("--seq-length", type=int, default=None,
-                   help="pad every micro-batch to this length (without --variable-seq-lengths)")
+                   help="the longest sample, in tokens (image tokens included): longer samples are dropped "
+                        "and counted; without --variable-seq-lengths every micro-batch is also padded to it")
     g.add_argument("--variable-seq-lengths", action="store_true",
-                   help="micro-batches keep their own (padded-to-longest) length")
+                   help="micro-batches keep their own (padded-to-longest) length, at most --seq-length")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train-iters", type=int, default=None)
@@ -75,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--override-opt-param-scheduler", action="store_true",
-                   help="on resume, take the schedule from these flags instead of the checkpoint")
+                   help="on resume, follow the schedule these flags give (lr, min-lr, warmup, decay, style) "
+                        "from the checkpoint's iteration on, instead of the saved one")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's saved schedule whatever these flags say")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -105,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-save-rng", action="store_true")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (fresh optimizer, schedule and data)")
-    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) when iteration % N == 0")
+    g.add_argument("--ckpt-step", type=int, default=None, metavar="ITERATION",
+                   help="load this iteration of --load instead of the one its tracker file names "
+                        "(e.g. the previous one when the latest is damaged)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving) when the iteration is a multiple of N")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
@@ -275,6 +286,11 @@ def validate(args, model_cfg, world_size: int) -> None:
 
     if args.finetune and not args.load:
         raise UserError("--finetune needs --load")
+    if args.ckpt_step is not None and not args.load:
+        raise UserError("--ckpt-step needs --load")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise UserError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually "
+                        "exclusive: take the new schedule or keep the saved one")
     if args.save_interval is not None and args.save_interval < 1:
         raise UserError(f"--save-interval must be >= 1, got {args.save_interval}")
     if args.save_interval and not args.save:

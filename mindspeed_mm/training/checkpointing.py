@@ -13,6 +13,7 @@ leaves the tracker pointing at the previous complete checkpoint.
 """
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -43,6 +44,9 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- save -------------------------------------------------------------------
+_TORCH_WRITE_FAILURES = ("unexpected pos", "failed writing", "PytorchStreamWriter")
+
+
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, train_state: dict,
                     model_cfg, args) -> str:
     """Collective: every rank calls it.  Returns the final iteration directory."""
@@ -66,29 +70,72 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     if not args.no_save_rng:
         torch.distributed.all_gather_object(rngs, rng_state(), group=dp_group)
     save_optim = not args.no_save_optim and optimizer is not None
-    if save_optim and args.use_distributed_optimizer:
-        os.makedirs(out_dir, exist_ok=True)
-        optimizer.save_parameter_state(os.path.join(out_dir, OPTIM_FILE))  # collective over DP
-    if ps.get_data_parallel_rank() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        state = {
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-            "model": unwrap(model).state_dict(),
-            "train_state": dict(train_state),
-        }
-        if save_optim:
-            state["optimizer"] = optimizer.state_dict()
-            state["opt_param_scheduler"] = scheduler.state_dict()
-        if not args.no_save_rng:
-            state["rng_state"] = rngs
-        torch.save(state, os.path.join(out_dir, MODEL_FILE))
+    if save_optim:
+        _ensure_optimizer_state(optimizer)
+    failure = None
+    try:
+        if save_optim and args.use_distributed_optimizer:
+            os.makedirs(out_dir, exist_ok=True)
+            optimizer.save_parameter_state(os.path.join(out_dir, OPTIM_FILE))  # collective over DP
+        if ps.get_data_parallel_rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            state = {
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "args": {k: v for k, v in vars(args).items()
+                         if isinstance(v, (int, float, str, bool, list, type(None)))},
+                "model": unwrap(model).state_dict(),
+                "train_state": dict(train_state),
+            }
+            if save_optim:
+                state["optimizer"] = optimizer.state_dict()
+                state["opt_param_scheduler"] = scheduler.state_dict()
+            if not args.no_save_rng:
+                state["rng_state"] = rngs
+            torch.save(state, os.path.join(out_dir, MODEL_FILE))
+        if rank == 0:
+            from mindspeed_mm.training.preflight import write_train_state
+
+            write_train_state(tmp, iteration, scheduler if save_optim else None, args)
+    except OSError as exc:  # a full disk or quota: every rank learns of it, nothing is published
+        failure = f"{exc.filename or tmp}: {exc.strerror or exc}"
+    except RuntimeError as exc:  # torch.save hides the errno: 'unexpected pos' / 'failed writing'
+        if not any(t in str(exc) for t in _TORCH_WRITE_FAILURES):
+            raise
+        failure = f"{out_dir}: writing failed, is the disk full? ({str(exc).splitlines()[0][:120]})"
+    failures = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(failures, failure)
+    failed = [f for f in failures if f]
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = read_tracker(save_dir)
+        raise UserError(f"--save {save_dir}: checkpoint of iteration {iteration} not saved ({failed[0]}); "
+                        + (f"the last complete one, iteration {previous}, is intact" if previous is not None
+                           else "no earlier checkpoint exists") + "; free space and resume from it")
     torch.distributed.barrier()
     if rank == 0:
         _publish(save_dir, tmp, final, iteration, model_cfg)
     torch.distributed.barrier()
     return final
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Adam creates its state at its first step; a save before one (fp16 skips its first ~20 steps
+    while the loss scale comes down from 2^32) would find none.  Create it as Adam would: step 0
+    and zero moments, so the next step computes exactly what it would have."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+                        inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p.data),
+                                              exp_avg_sq=torch.zeros_like(p.data))
+                    elif getattr(opt, "init_state_fn", None) is not None:  # fused kernels: their own init
+                        opt.init_state_fn(inner, getattr(opt, "config", None))
 
 
 def _publish(save_dir, tmp, final, iteration, model_cfg):
@@ -115,7 +162,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, args) -> dict:
     """
     from megatron.core import parallel_state as ps
 
-    tag = read_tracker(load_dir)
+    tag = read_tracker(load_dir) if args.ckpt_step is None else args.ckpt_step
     if tag is None:
         raise UserError(f"--load {load_dir}: no {TRACKER} and no release/ directory: not a checkpoint")
     path = rank_dir(iteration_dir(load_dir, tag), ps.get_tensor_model_parallel_rank(),
@@ -125,13 +172,20 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, args) -> dict:
         raise UserError(f"--load {load_dir}: {path_file} not found: the checkpoint was written for another "
                         f"tensor/pipeline layout than TP={ps.get_tensor_model_parallel_world_size()} "
                         f"PP={ps.get_pipeline_model_parallel_world_size()} (re-convert or reshard it)")
-    state = torch.load(path_file, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path_file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as exc:  # truncated or damaged (a full disk, a killed copy)
+        raise UserError(f"--load: {path_file} is unreadable ({str(exc).splitlines()[0]}); load an earlier "
+                        f"iteration with --ckpt-step N") from None
     _load_model_state(unwrap(model), state["model"], path_file)
 
     weights_only = tag == "release" or args.finetune
     if weights_only:
         return {"iteration": 0, "consumed_samples": 0, "skipped_iters": 0, "nan_iters": 0}
     _check_same_layout(state.get("args", {}), args, path_file)
+    from mindspeed_mm.training.preflight import check_resume
+
+    check_resume(args, state["iteration"], state.get("opt_param_scheduler"), path_file)
     if not args.no_load_optim:
         if "optimizer" not in state:
             raise UserError(f"{path_file}: saved without optimizer state (--no-save-optim); "
@@ -179,6 +233,14 @@ def _load_parameter_state(optimizer, filename: str) -> None:
 
 
 def _load_model_state(model, saved: dict, source: str) -> None:
+    own = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in saved.items()
+             if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        name, have, want = wrong[0]
+        raise UserError(f"{source}: {len(wrong)} tensors have other shapes than this model stage, e.g. {name} "
+                        f"{list(have)} in the checkpoint, {list(want)} here: the checkpoint was written for another "
+                        f"model (--mm-model) or tensor-parallel size (--tensor-model-parallel-size)")
     missing, unexpected = model.load_state_dict(saved, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]

@@ -11,7 +11,9 @@ import time
 
 class ProgressReport:
     def __init__(self, train_iters: int, log_interval: int, world_size: int, writer_rank: bool,
-                 tensorboard_dir: str = None, stream=None):
+                 tensorboard_dir: str = None, stream=None, device_type: str = "gpu"):
+        # Megatron-LM says "per GPU"; name the device the processes really run on.
+        self.device_label = {"cuda": "GPU", "npu": "NPU"}.get(device_type, device_type.upper())
         self.train_iters, self.log_interval, self.world_size = train_iters, log_interval, world_size
         self.writer_rank = writer_rank
         self.stream = stream or sys.stdout
@@ -58,7 +60,7 @@ class ProgressReport:
             f"iteration {iteration:8d}/{self.train_iters:8d}",
             f"consumed samples: {consumed_samples:12d}",
             f"elapsed time per iteration (ms): {per_iter * 1000:.1f}",
-            f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}",
+            f"throughput per {self.device_label} (TFLOP/s/{self.device_label}): {tflops:.3f}",
             f"tokens per second per GPU: {tokens_per_s:.1f}",
             f"learning rate: {lr:.6E}",
             f"global batch size: {global_batch_size:5d}",

@@ -22,7 +22,7 @@ from functools import partial
 import torch
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.training.arguments import MAX_CONSECUTIVE_NAN, parse_args, validate
+from mindspeed_mm.training.arguments import MAX_CONSECUTIVE_NAN, parse_args
 from mindspeed_mm.training.flops import BatchShape, train_flops
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -34,14 +34,12 @@ class LossDiverged(UserError):
 
 
 # ---- 1. configuration ---------------------------------------------------------
-def load_configs(args):
-    from mindspeed_mm.data.config import load_data_config
-    from mindspeed_mm.models.config import Qwen2VLConfig
+def load_configs(args, probe_lock=False):
+    """Flags, JSONs, checkpoint and save folder (mindspeed_mm/training/preflight.py)."""
+    from mindspeed_mm.training.preflight import check_run
 
-    model_cfg = Qwen2VLConfig.load(args.mm_model)
-    data_cfg = load_data_config(args.mm_data)
-    validate(args, model_cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    return model_cfg, data_cfg
+    return check_run(args, int(os.environ.get("WORLD_SIZE", "1")), node_rank=int(os.environ.get("NODE_RANK", "0")),
+                     probe_lock=probe_lock)
 
 
 def choose_backend(platform, requested):
@@ -106,6 +104,8 @@ def build_optimizer(args, model):
         lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
         wd_incr_style="constant", override_opt_param_scheduler=args.override_opt_param_scheduler,
+        # Without either flag a differing saved schedule was refused (preflight.check_resume): the saved
+        # one equals the flags' then.
         use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler)
     return optimizer, scheduler
 
@@ -249,9 +249,18 @@ def main(argv=None):
     from mindspeed_mm.platform import setup_platform
 
     args = parse_args(argv)
+    if args.preflight:  # the launcher, before torchrun: no device, no processes
+        load_configs(args, probe_lock=True)
+        print(f"preflight: {args.mm_model}, {args.mm_data}, --load {args.load}, --save {args.save}: ok")
+        return None
+    from mindspeed_mm.training.orphans import exit_with_parent
+    from mindspeed_mm.training.preflight import SaveDirLock
+
+    exit_with_parent()  # a killed torchrun / launcher must not leave this process training
     # Device first: it must be set up before megatron-core is imported.
     platform = setup_platform(args.device)
     model_cfg, data_cfg = load_configs(args)
+    lock = SaveDirLock(args.save) if args.save and int(os.environ.get("RANK", "0")) == 0 else None
     backend = choose_backend(platform, args.distributed_backend)
     if backend:
         platform = dataclasses.replace(platform, backend=backend)
@@ -263,6 +272,8 @@ def main(argv=None):
         return train(args, model_cfg, data_cfg, platform)
     finally:
         destroy_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def train(args, model_cfg, data_cfg, platform):
@@ -276,7 +287,7 @@ def train(args, model_cfg, data_cfg, platform):
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = platform.device(int(os.environ.get("LOCAL_RANK", "0")))
     report = ProgressReport(args.train_iters, args.log_interval, world, writer_rank=rank == world - 1,
-                            tensorboard_dir=args.tensorboard_dir)
+                            tensorboard_dir=args.tensorboard_dir, device_type=platform.device_type)
     report.print(f"training Qwen2-VL on {world} {platform.device_type} process(es): TP={args.tensor_model_parallel_size}"
                  f" PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size}, LLM layers per stage "
                  f"{args.stage_layers}, {args.num_microbatches} micro-batch(es) of {args.micro_batch_size} per "
@@ -293,6 +304,10 @@ def train(args, model_cfg, data_cfg, platform):
             optimizer.reload_model_params()  # fp32 main copies from the loaded weights
         report.print(f"loaded {args.load} " + (f"at iteration {state['iteration']}" if state["iteration"]
                                                else "(weights only: starting at iteration 0)"))
+    from mindspeed_mm.training.preflight import describe_schedule
+
+    kept = args.use_checkpoint_opt_param_scheduler and state["iteration"] and not args.no_load_optim
+    report.print(describe_schedule(scheduler, "the checkpoint" if kept else "these flags"))
 
     train_ds, valid_ds = split_dataset(
         build_train_valid_datasets(data_cfg, log=report.print)[0], args.split_fractions, args.seed)
