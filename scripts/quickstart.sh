@@ -79,8 +79,10 @@ if [ -f "$HF_DIR/model.safetensors" ] && [ -f "$HF_DIR/tokenizer.json" ]; then
     echo "reusing $HF_DIR"
 else
     rm -rf "$HF_DIR" "$HF_DIR.tmp"
-    python scripts/make_tiny_qwen2vl.py --save-dir "$HF_DIR.tmp" --min-pixels $MIN_PIXELS --max-pixels $MAX_PIXELS
+    python scripts/make_tiny_qwen2vl.py --save-dir "$HF_DIR.tmp" --min-pixels $MIN_PIXELS --max-pixels $MAX_PIXELS \
+        >/dev/null  # it names the temporary folder; the final one is printed below
     mv "$HF_DIR.tmp" "$HF_DIR"
+    echo "wrote tiny Qwen2-VL to $HF_DIR"
 fi
 
 # ---- 3. weight conversion -----------------------------------------------------------------------
@@ -129,11 +131,10 @@ fi
 
 # ---- 6. inference -------------------------------------------------------------------------------
 step 6 "inference on the training images: inference_qwen2vl_2b.sh --input ... --output $LOGS/answers.jsonl"
-STOP_IDS=$(python scripts/quickstart_steps.py stop-ids --tokenizer "$HF_DIR")
-# shellcheck disable=SC2086  # STOP_IDS is a list of ids
+# Stop ids come from the tiny model's own tokenizer / generation_config.json, as for any HF folder.
 LOAD_PATH=$SAVE_DIR TOKENIZER_PATH=$HF_DIR MAX_NEW_TOKENS=24 MASTER_PORT="$(free_port)" \
     bash examples/qwen2vl/inference_qwen2vl_2b.sh --input "$DATA_DIR/mllm_format_llava_instruct_data.json" \
-    --output "$LOGS/answers.jsonl" --batch-size 8 --stop-token-ids $STOP_IDS
+    --output "$LOGS/answers.jsonl" --batch-size 8
 
 # ---- 7. export ----------------------------------------------------------------------------------
 step 7 "export the fine-tuned checkpoint to Hugging Face format -> $EXPORT_DIR"

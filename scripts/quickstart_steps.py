@@ -1,7 +1,6 @@
 """The small steps of scripts/quickstart.sh that are easier in Python than in bash.
 
     python scripts/quickstart_steps.py data-json --out data/tiny/data.json --model-dir ckpt/hf_path/tiny ...
-    python scripts/quickstart_steps.py stop-ids --tokenizer ckpt/hf_path/tiny
     python scripts/quickstart_steps.py check-export --export-dir DIR --input eval.json --answers answers.jsonl ...
     python scripts/quickstart_steps.py report --train-log L1 --pp-log L2 --answers answers.jsonl ...
 
@@ -40,14 +39,6 @@ def data_json(args) -> None:
     loader.update(num_workers=0, pin_memory=False)
     write_json_atomic(args.out, cfg, indent=4)
     print(f"wrote {args.out} (from {args.base}: model_name_or_path={args.model_dir}, dataset={args.dataset})")
-
-
-def stop_ids(args) -> None:
-    """<|im_end|> and <|endoftext|> of this tokenizer (the inference JSONs name the real Qwen ids)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    print(" ".join(str(tok.convert_tokens_to_ids(t)) for t in ("<|im_end|>", "<|endoftext|>")))
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -159,10 +150,6 @@ def main(argv=None) -> int:
     p.add_argument("--cutoff-len", type=int, default=1024)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=data_json)
-
-    p = sub.add_parser("stop-ids", help="print the tokenizer's <|im_end|> and <|endoftext|> ids")
-    p.add_argument("--tokenizer", required=True)
-    p.set_defaults(func=stop_ids)
 
     p = sub.add_parser("check-export", help="load the export with transformers and compare answers")
     p.add_argument("--export-dir", required=True)

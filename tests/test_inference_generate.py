@@ -252,3 +252,87 @@ def test_launcher_env_and_extra_flags_win(world):
         result = json.load(f)
     assert result["token_ids"] == w["single"][1]
     assert proc.stdout.strip() == result["response"].strip()  # streamed to the terminal
+
+
+def _hf_folder_with_stop(w, stop_ids):
+    """A copy of the HF folder whose generation_config.json stops at ``stop_ids`` (as HF generate would)."""
+    folder = w["root"] / f"hf_stop_{'_'.join(map(str, stop_ids))}"
+    if not folder.exists():
+        shutil.copytree(w["hf_dir"], folder)
+        path = folder / "generation_config.json"
+        gen = json.loads(path.read_text()) if path.exists() else {}
+        gen["eos_token_id"] = stop_ids
+        path.write_text(json.dumps(gen))
+    return str(folder)
+
+
+def test_launcher_2b_shipped_json_takes_stop_ids_from_the_hf_folder(world):
+    """inference_qwen2vl_2b.sh with its shipped JSON and a non-Qwen tokenizer, paths overridden as the
+    README says: stop ids come from the HF folder's generation_config.json, as in HF generate."""
+    import subprocess
+
+    w = world
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = w["root"] / "launcher_2b.json"
+    env = dict(os.environ, LOAD_PATH=str(w["root"] / "tp2"), TOKENIZER_PATH=_hf_folder_with_stop(w, [w["stop"]]),
+               DEVICE="cpu", MAX_NEW_TOKENS=str(NEW), MASTER_PORT=str(free_port()))
+    proc = subprocess.run(
+        ["bash", "examples/qwen2vl/inference_qwen2vl_2b.sh", "--image", w["images"]["wide.png"],
+         "--prompt", "Describe the picture.", "--output-json", str(out), "--no-stream"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    with open(out) as f:
+        assert json.load(f)["token_ids"] == w["stopped"]  # HF generate's answer, stopped at its eos
+    # the stop set lacks <|im_end|>: reported on one line
+    assert any(line.startswith("warning: ") and "<|im_end|>" in line for line in proc.stderr.splitlines())
+
+
+def test_chat_image_placeholder_gives_the_records_prompt(world, tmp_path):
+    """--image + --prompt '<image>\\nQ' puts the image where it stands: the same ids as the MLLM record
+    (the data template's layout) run with --input."""
+    from mindspeed_mm.inference.arguments import parse_args
+    from mindspeed_mm.inference.main import prepare
+
+    w = world
+    question = "<image>\nDescribe the picture."
+    records = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "A wide one."}],
+                "images": [w["images"]["wide.png"]]}]
+    (tmp_path / "one.json").write_text(json.dumps(records))
+    base = ["--load", str(w["root"] / "tp2"), "--tokenizer-path", w["hf_dir"]]
+    chat = prepare(parse_args(base + ["--image", w["images"]["wide.png"], "--prompt", question]))[3][0]
+    batch = prepare(parse_args(base + ["--input", str(tmp_path / "one.json"), "--output", str(tmp_path / "o")]))[3][0]
+    assert chat.input_ids == batch.input_ids
+    default = prepare(parse_args(base + ["--image", w["images"]["wide.png"], "--prompt", "Describe the picture."]))
+    assert default[3][0].input_ids != chat.input_ids  # without <image>: image first, no newline
+
+
+def test_user_mistakes_name_the_real_flag(world, tmp_path):
+    """Through inference_qwen2vl.py: exit 2, one 'error:' line naming the flag or file at fault."""
+    import subprocess
+    import sys
+
+    w = world
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = json.loads((w["root"] / "tp2" / "model.json").read_text())
+    (tmp_path / "wide_model.json").write_text(json.dumps(dict(cfg, text=dict(cfg["text"], ffn_hidden_size=128))))
+    base = ["--config", "examples/qwen2vl/inference_qwen2vl_2b.json", "--load", str(w["root"] / "tp2"),
+            "--tokenizer-path", w["hf_dir"], "--device", "cpu"]
+    cases = [
+        (["--prompt", "hi", "--iteration", "7"], "error: --iteration 7: iter_0000007/ not found in --load "),
+        (["--prompt", "hi", "--image", str(tmp_path)], f"error: --image {tmp_path}: is a directory"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "error: --max-new-tokens 0: must be at least 1"),
+        (["--prompt", "<image>\n<image>hi", "--image", w["images"]["wide.png"]],
+         "error: --prompt has 2 '<image>' but 1 --image given"),
+        (["--prompt", "hi", "--mm-model", str(tmp_path / "wide_model.json")], "error: "),
+    ]
+    for extra, message in cases:
+        proc = subprocess.run([sys.executable, "inference_qwen2vl.py", *base, *extra], capture_output=True,
+                              text=True, cwd=root, timeout=120)
+        lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == lines[0]
+    # another size: the checkpoint's shape and what the model JSON asks, not a size-mismatch traceback
+    assert "mp_rank_00/model_optim_rng.pt: language_model.decoder.layers.0.mlp.linear_fc1.weight has shape " \
+           "[96, 64] but " in lines[0] and "wide_model.json at TP 2 asks [128, 64]" in lines[0], lines[0]

@@ -7,7 +7,9 @@ the command line wins over the JSON, the JSON over the built-in default:
     {"load": "ckpt/Qwen2-VL-7B-Instruct", "mm_model": null,
      "tokenizer_path": "ckpt/hf_path/Qwen2-VL-7B-Instruct",
      "generation": {"max_new_tokens": 512, "do_sample": false, "temperature": 1.0, "top_k": 0,
-                    "top_p": 1.0, "repetition_penalty": 1.0, "stop_token_ids": [151645, 151643]}}
+                    "top_p": 1.0, "repetition_penalty": 1.0, "stop_token_ids": null}}
+
+``stop_token_ids`` null (the shipped JSONs) takes them from the HF folder, as HF ``generate`` does.
 """
 import argparse
 import os
@@ -28,12 +30,23 @@ class GenerationSettings:
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0  # 1.0 = no nucleus filter
     repetition_penalty: float = 1.0  # HF's rule, over the prompt and the generated tokens
-    stop_token_ids: Optional[List[int]] = None  # None: the tokenizer's <|im_end|> and <|endoftext|>
+    stop_token_ids: Optional[List[int]] = None  # None: generation_config.json's eos_token_id, else the tokenizer's
     seed: int = 1234  # sampling only: the same seed gives the same tokens
+    # where each value came from, for messages: key -> "--max-new-tokens" or "FILE: generation.max_new_tokens"
+    origin: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def validate(self, source: str = "generation") -> None:
+    def label(self, key: str) -> str:
+        """How a message names the setting: the flag (with its value) or the JSON key that set it."""
+        where = self.origin.get(key, f"generation.{key}")
+        value = getattr(self, key)
+        if where.startswith("--"):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            return f"{where} {shown}".rstrip()
+        return f"{where} = {value!r}"
+
+    def validate(self) -> None:
         def bad(key, why):
-            raise UserError(f"{source}.{key} = {getattr(self, key)!r}: {why}")
+            raise UserError(f"{self.label(key)}: {why}")
 
         if self.max_new_tokens < 1:
             bad("max_new_tokens", "must be at least 1")
@@ -78,7 +91,7 @@ class InferenceArgs:
         return self.input is None
 
 
-_GENERATION_FLAGS = {f.name for f in fields(GenerationSettings)}
+_GENERATION_FLAGS = {f.name for f in fields(GenerationSettings)} - {"origin"}
 _JSON_KEYS = {f.name for f in fields(InferenceArgs)} - {"prompt", "image", "input", "output", "output_json"}
 
 
@@ -101,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-pixels", dest="max_pixels", type=int, help="image processor max_pixels")
     g = p.add_argument_group("one conversation")
     g.add_argument("--prompt", help="the user's text")
-    g.add_argument("--image", action="append", help="an image of the user turn (repeatable, placed before "
-                                                    "the text in the given order)")
+    g.add_argument("--image", action="append",
+                   help="an image of the user turn (repeatable); each goes where a '<image>' stands in --prompt, "
+                        "in order (as in MLLM records: --prompt '<image>\\nQuestion'), or, with no '<image>' in "
+                        "--prompt, all before the text with nothing in between")
     g.add_argument("--system", help="system turn (default: the chat template's 'You are a helpful assistant.')")
     g.add_argument("--output-json", dest="output_json",
                    help="write {'response', 'token_ids'} of the answer to this file")
@@ -121,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", dest="top_p", type=float)
     g.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
     g.add_argument("--stop-token-ids", dest="stop_token_ids", type=int, nargs="*",
-                   help="generation stops at any of these ids (default: the tokenizer's <|im_end|>, "
-                        "<|endoftext|>)")
+                   help="generation stops at any of these ids (default, as HF generate: eos_token_id of "
+                        "generation_config.json in --tokenizer-path, else the tokenizer's <|im_end|> and "
+                        "<|endoftext|>); none given: no stop id")
     g.add_argument("--seed", type=int)
     return p
 
@@ -158,13 +174,22 @@ def parse_args(argv=None) -> InferenceArgs:
     source = config_path or "flags"
 
     gen_defaults = GenerationSettings()
-    gen = {}
+    gen, origin = {}, {}
+    json_gen = data.get("generation") or {}
     for f in fields(GenerationSettings):
-        value = flags.pop(f.name) if f.name in flags else (data.get("generation") or {}).get(
-            f.name, getattr(gen_defaults, f.name))
-        _check_type(f"{source}: generation", f.name, value, getattr(gen_defaults, f.name))
+        if f.name == "origin":
+            continue
+        if f.name in flags:
+            value = flags.pop(f.name)
+            origin[f.name] = "--" + f.name.replace("_", "-")
+        elif f.name in json_gen:
+            value = json_gen[f.name]
+            origin[f.name] = f"{config_path}: generation.{f.name}"
+            _check_type(f"{config_path}: generation", f.name, value, getattr(gen_defaults, f.name))
+        else:
+            value = getattr(gen_defaults, f.name)
         gen[f.name] = value
-    args = InferenceArgs(generation=GenerationSettings(**gen))
+    args = InferenceArgs(generation=GenerationSettings(**gen, origin=origin))
     for f in fields(InferenceArgs):
         if f.name == "generation":
             continue
@@ -200,4 +225,4 @@ def validate(args: InferenceArgs, source: str = "flags") -> None:
     for path, flag in ((args.load, "--load"), (args.tokenizer_path, "--tokenizer-path")):
         if not os.path.isdir(path):
             raise UserError(f"{flag} {path}: directory not found")
-    args.generation.validate(f"{source}: generation" if source != "flags" else "generation")
+    args.generation.validate()

@@ -7,15 +7,18 @@ full state (checkpoint.parallel.MergedView) and cut again for this rank
 rank (no pipeline stages).
 """
 import os
-from typing import List, Optional
+import sys
+from typing import List, Optional, Tuple
 
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.models.config import Qwen2VLConfig
 
 # Tokens the chat format needs, and the config field that must agree with the tokenizer.
 VISION_TOKENS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
                  "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+END_OF_TURN = "<|im_end|>"
 
 
 def load_model_config(load: str, mm_model: Optional[str], params_dtype: Optional[str]) -> Qwen2VLConfig:
@@ -54,39 +57,92 @@ def check_tokenizer(cfg: Qwen2VLConfig, tokenizer, model_source: str, tokenizer_
                             f"id {tid}: the checkpoint and tokenizer do not match")
 
 
-def stop_token_ids(requested: Optional[List[int]], tokenizer, cfg: Qwen2VLConfig) -> List[int]:
-    ids = requested
-    if ids is None:
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in DEFAULT_STOP_TOKENS]
-        ids = [t for t in ids if t is not None and t != tokenizer.unk_token_id]
+def default_stop_ids(tokenizer, tokenizer_path: str) -> Tuple[List[int], str]:
+    """What HF ``generate`` stops at: generation_config.json's eos_token_id (in the HF folder), else the
+    tokenizer's <|im_end|> and <|endoftext|> (those it has), else its eos token.  (ids, where they came from)"""
+    path = os.path.join(tokenizer_path, "generation_config.json")
+    if os.path.isfile(path):
+        eos = load_json(path).get("eos_token_id") if isinstance(load_json(path), dict) else None
+        if eos is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise UserError(f"{path}: eos_token_id {eos!r} is not a token id or a list of them")
+            return list(ids), f"{path}: eos_token_id"
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in DEFAULT_STOP_TOKENS if t in tokenizer.get_vocab()]
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return ids, f"the tokens {', '.join(DEFAULT_STOP_TOKENS)} of {tokenizer_path}"
+
+
+def stop_token_ids(settings, tokenizer, cfg: Qwen2VLConfig, tokenizer_path: str) -> List[int]:
+    """The stop ids: given ones (flag or JSON) or the HF folder's own; a stop set without the chat
+    format's end-of-turn token is reported (answers would run to max_new_tokens)."""
+    if settings.stop_token_ids is not None:
+        ids, where = list(settings.stop_token_ids), settings.label("stop_token_ids")
+    else:
+        ids, where = default_stop_ids(tokenizer, tokenizer_path)
     for t in ids:
         if t >= cfg.text.vocab_size:
-            raise UserError(f"generation.stop_token_ids: {t} is outside the model's vocabulary "
-                            f"({cfg.text.vocab_size}); the real Qwen2-VL ids need the real tokenizer")
-    return list(ids)
+            raise UserError(f"{where}: stop id {t} is outside the model's vocabulary ({cfg.text.vocab_size}); "
+                            f"leave stop_token_ids unset to take them from {tokenizer_path}")
+    end_of_turn = tokenizer.get_vocab().get(END_OF_TURN)
+    if ids and end_of_turn is not None and end_of_turn not in ids:
+        print(f"warning: {where}: stop ids {ids} do not include {END_OF_TURN} (id {end_of_turn} in "
+              f"{tokenizer_path}), which ends every assistant turn: answers will run on to the limit",
+              file=sys.stderr, flush=True)
+    return ids
 
 
 def model_source(load: str, mm_model: Optional[str]) -> str:
     return mm_model or os.path.join(load, "model.json")
 
 
-def load_model(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], tensor_parallel: int, source: str):
-    """The whole model on this rank (eval mode), TP-sharded for ``tensor_parallel``; call after init_distributed."""
-    from checkpoint.megatron_io import find_layout, load_rank, stage_layers_of
-    from checkpoint.parallel import MergedView
-    from mindspeed_mm.models.parallel import ParallelSettings
-    from mindspeed_mm.models.qwen2vl import Qwen2VLModel
+def _load_error(exc: UserError) -> UserError:
+    """checkpoint.megatron_io names the converter's --load-dir; here the flag is --load."""
+    return UserError(str(exc).replace("--load-dir ", "--load ", 1))
 
-    layout = find_layout(load, iteration)
+
+def find_checkpoint(load: str, iteration: Optional[int]):
+    """The saved layout of --load (at --iteration when given), with messages naming those flags."""
+    from checkpoint.layout import iteration_dir
+    from checkpoint.megatron_io import find_layout
+
+    if iteration is not None and not os.path.isdir(iteration_dir(load, iteration)):
+        saved = sorted(n for n in os.listdir(load) if n == "release" or n.startswith("iter_"))
+        raise UserError(f"--iteration {iteration}: {os.path.basename(iteration_dir(load, iteration))}/ not found "
+                        f"in --load {load} (saved: {', '.join(saved) or 'none'})")
+    try:
+        return find_layout(load, iteration)
+    except UserError as exc:
+        raise _load_error(exc) from None
+
+
+def open_checkpoint(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], source: str):
+    """The full state of the checkpoint, merged lazily from its memory-mapped rank files, checked against
+    ``cfg``: every tensor's shape, and the LLM layers of each saved pipeline stage (layout.json)."""
+    from checkpoint.layout import format_layout, read_layout
+    from checkpoint.megatron_io import load_rank, stage_layers_of
+    from checkpoint.parallel import MergedView
+
+    layout = find_checkpoint(load, iteration)
     states = {r: load_rank(layout.rank_file(*r)) for r in layout.ranks()}  # memory-mapped
     saved_layers = stage_layers_of(layout, states)
+    recorded = read_layout(layout.directory)
+    if recorded["pipeline_num_layers"] is not None and recorded["pipeline_num_layers"] != saved_layers:
+        raise UserError(f"{layout.directory}: layout.json says {format_layout(recorded)} but the rank files hold "
+                        f"LLM layers {saved_layers} per stage: the checkpoint folder is inconsistent")
     if sum(saved_layers) != cfg.text.num_layers:
         raise UserError(f"--load {load}: the checkpoint holds {sum(saved_layers)} LLM layers but {source} "
                         f"says text.num_layers = {cfg.text.num_layers}")
+    return MergedView(states, cfg, saved_layers, config_source=source, rank_name=layout.rank_file)
+
+
+def load_model(cfg: Qwen2VLConfig, full_state, tensor_parallel: int):
+    """The whole model on this rank (eval mode), TP-sharded for ``tensor_parallel``; call after init_distributed.
+    ``full_state``: open_checkpoint's (already checked against ``cfg``)."""
+    from mindspeed_mm.models.parallel import ParallelSettings
+    from mindspeed_mm.models.qwen2vl import Qwen2VLModel
+
     model = Qwen2VLModel(cfg, ParallelSettings(tensor_parallel=tensor_parallel))
-    try:
-        model.load_full_state(MergedView(states, cfg, saved_layers), pp_rank=0)
-    except (RuntimeError, ValueError) as exc:  # shape mismatch: another architecture
-        raise UserError(f"--load {load}: does not fit the architecture of {source} "
-                        f"({str(exc).splitlines()[-1].strip()})") from None
+    model.load_full_state(full_state, pp_rank=0)
     return model.eval()

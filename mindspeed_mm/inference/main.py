@@ -14,29 +14,28 @@ from contextlib import contextmanager
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.inference.arguments import InferenceArgs, parse_args
 from mindspeed_mm.inference.loading import (check_tokenizer, load_model, load_model_config, load_processors,
-                                            model_source, stop_token_ids)
+                                            model_source, open_checkpoint, stop_token_ids)
 from mindspeed_mm.inference.prompts import PromptBuilder, chat_conversation, read_conversations
 
 
 def prepare(args: InferenceArgs):
-    """(tokenizer, model config, prompt builder, prompts, stop ids): no model, no processes yet."""
-    from checkpoint.megatron_io import find_layout
-
+    """(tokenizer, model config, prompt builder, prompts, stop ids, checkpoint state): no model, no processes yet.
+    The checkpoint's rank files are memory-mapped and checked against the model config, not read."""
     tokenizer, image_processor = load_processors(args.tokenizer_path, args.min_pixels, args.max_pixels)
     source = model_source(args.load, args.mm_model)
     cfg = load_model_config(args.load, args.mm_model, args.params_dtype)
     cfg.check_parallel(args.tensor_model_parallel_size)
     check_tokenizer(cfg, tokenizer, source, args.tokenizer_path)
-    stop_ids = stop_token_ids(args.generation.stop_token_ids, tokenizer, cfg)
-    find_layout(args.load, args.iteration)  # the checkpoint is there and complete
+    stop_ids = stop_token_ids(args.generation, tokenizer, cfg, args.tokenizer_path)
+    state = open_checkpoint(cfg, args.load, args.iteration, source)  # there, complete, and of this architecture
     builder = PromptBuilder(tokenizer, image_processor, cfg.text.max_position_embeddings)
     if args.single:
         where = "--image/--prompt" if args.image else "--prompt"
-        prompts = [builder.build(chat_conversation(args.prompt, args.image, args.system), where)]
+        prompts = [builder.build(chat_conversation(args.prompt, args.image or [], args.system), where)]
     else:
         prompts = [builder.build(conv, f"{args.input}: sample {i}", reference)
                    for i, (conv, reference) in enumerate(read_conversations(args.input))]
-    return tokenizer, cfg, builder, prompts, stop_ids
+    return tokenizer, cfg, builder, prompts, stop_ids, state
 
 
 @contextmanager
@@ -64,14 +63,14 @@ def distributed(device, tensor_parallel: int, seed: int):
 
 def main(argv=None):
     args = parse_args(argv)
-    tokenizer, cfg, builder, prompts, stop_ids = prepare(args)
+    tokenizer, cfg, builder, prompts, stop_ids, state = prepare(args)
     tp = args.tensor_model_parallel_size
     with distributed(args.device, tp, args.generation.seed) as is_writer:
         from mindspeed_mm.inference.batch import run_batch
         from mindspeed_mm.inference.chat import run_chat
         from mindspeed_mm.inference.generate import Generator
 
-        model = load_model(cfg, args.load, args.iteration, tp, model_source(args.load, args.mm_model))
+        model = load_model(cfg, state, tp)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
         generator = Generator(model, cfg, args.generation, stop_ids, pad_id)
         if args.single:

@@ -45,12 +45,22 @@ class PromptBatch:
 
 
 def chat_conversation(prompt: str, images: List[str], system: Optional[str] = None) -> Conversation:
-    """One user turn: the images first (in order), then the text, as the issue's chat front end wants."""
-    if IMAGE_PLACEHOLDER in prompt or any(t in prompt for t in RESERVED_TEXT):
-        raise UserError(f"--prompt: must not contain '{IMAGE_PLACEHOLDER}' or vision tokens; "
-                        f"pass images with --image (they are placed before the text)")
+    """One user turn.  Each image goes where an ``<image>`` stands in the prompt, in order, exactly as in an
+    MLLM record (so ``<image>\\nQuestion`` is the training layout); a prompt without ``<image>`` gets all
+    images before its text, with nothing in between."""
+    if any(t in prompt for t in RESERVED_TEXT):
+        raise UserError(f"--prompt: must not contain the vision tokens {', '.join(RESERVED_TEXT)}; "
+                        f"mark where each --image goes with '{IMAGE_PLACEHOLDER}'")
+    for path in images:
+        if os.path.isdir(path):
+            raise UserError(f"--image {path}: is a directory; give one image file per --image")
+    placeholders = prompt.count(IMAGE_PLACEHOLDER)
+    if placeholders and placeholders != len(images):
+        raise UserError(f"--prompt has {placeholders} '{IMAGE_PLACEHOLDER}' but {len(images)} --image given: "
+                        f"give one --image per '{IMAGE_PLACEHOLDER}' (or no '{IMAGE_PLACEHOLDER}' to put the "
+                        f"images first)")
     messages = [("system", system)] if system is not None else []
-    messages.append(("user", IMAGE_PLACEHOLDER * len(images) + prompt))
+    messages.append(("user", prompt if placeholders else IMAGE_PLACEHOLDER * len(images) + prompt))
     return Conversation(messages, [os.path.abspath(p) for p in images])
 
 
