@@ -163,13 +163,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _int_list(text: str, flag: str):
-    try:
-        return [int(x) for x in text.replace(" ", "").strip("[]").split(",") if x != ""]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-
-
 def stage_layer_counts(num_layers: int, pp: int, num_layers_spec: str = None, layer_index_spec: str = None):
     """LLM layers per pipeline stage: --pipeline-num-layers, --pipeline-layer-index, or an even split."""
     from checkpoint.parallel import stage_layer_counts as counts_from_flags
@@ -179,16 +172,11 @@ def stage_layer_counts(num_layers: int, pp: int, num_layers_spec: str = None, la
             raise UserError(f"--pipeline-model-parallel-size {pp} does not divide the {num_layers} LLM layers; "
                             f"give --pipeline-num-layers (e.g. {_uneven_example(num_layers, pp)})")
         return [num_layers // pp] * pp
-    counts = counts_from_flags(
-        num_layers,
-        pipeline_layer_index=None if layer_index_spec is None else _int_list(layer_index_spec,
-                                                                             "--pipeline-layer-index"),
-        pipeline_num_layers=None if num_layers_spec is None else _int_list(num_layers_spec, "--pipeline-num-layers"))
+    # Either spelling (0,0,10,20 or "0 0 10 20"), checked by the same rule as the converter's.
+    counts = counts_from_flags(num_layers, pipeline_layer_index=layer_index_spec, pipeline_num_layers=num_layers_spec)
     if len(counts) != pp:
         raise UserError(f"the pipeline layer list {counts} has {len(counts)} stages but "
                         f"--pipeline-model-parallel-size is {pp}")
-    if pp > 1 and counts[-1] == 0:
-        raise UserError(f"the pipeline layer list {counts}: the last stage must hold at least one LLM layer")
     return counts
 
 
