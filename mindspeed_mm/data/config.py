@@ -7,10 +7,11 @@ message is one line naming the key path, e.g. `dataset_param.basic_parameters.cu
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
-from mindspeed_mm.jsonio import load_json
+from mindspeed_mm.jsonio import DataFileError, load_json
 from mindspeed_mm.errors import UserError
 
 
@@ -41,6 +42,18 @@ class BasicParameters:
     def dataset_files(self) -> list[str]:
         """The comma-separated `dataset` entries; relative ones resolved by the caller."""
         return [p.strip() for p in self.dataset.split(",") if p.strip()]
+
+    def resolved_dataset_files(self) -> list[str]:
+        """`dataset` entries as given if they exist (the guide writes './data/x.json'), else
+        under `dataset_dir`; DataFileError naming the entry when one is in neither place."""
+        files = []
+        for name in self.dataset_files():
+            path = name if os.path.isabs(name) or os.path.isfile(name) else os.path.join(self.dataset_dir, name)
+            if not os.path.isfile(path):
+                raise DataFileError(f"dataset_param.basic_parameters.dataset: file {name!r} not found "
+                                      f"(also looked in dataset_dir {self.dataset_dir!r})")
+            files.append(path)
+        return files
 
 
 @dataclass
@@ -156,6 +169,45 @@ def _build(cls, data, prefix: str):
 
 def data_config_from_dict(data: dict) -> DataConfig:
     return _build(DataConfig, data, "").validate()
+
+
+# A HF model folder needs one of these for the tokenizer, and the image processor's config.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+_IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def check_model_dir(model: str) -> None:
+    """DataConfigError unless `model` is a local folder with a tokenizer and an image processor."""
+    key = "dataset_param.preprocess_parameters.model_name_or_path"
+    if not os.path.isdir(model):
+        raise DataConfigError(f"{key}: folder {model!r} not found (download the HF model there first, "
+                              f"e.g. hf download Qwen/Qwen2-VL-7B-Instruct --local-dir {model})")
+    if not any(os.path.isfile(os.path.join(model, n)) for n in _TOKENIZER_FILES):
+        raise DataConfigError(f"{key}: {model!r} has no tokenizer ({' or '.join(_TOKENIZER_FILES)})")
+    if not os.path.isfile(os.path.join(model, _IMAGE_PROCESSOR_FILE)):
+        raise DataConfigError(f"{key}: {model!r} has no image processor ({_IMAGE_PROCESSOR_FILE})")
+
+
+def check_paths(config: DataConfig) -> list[str]:
+    """The files and folders data.json names exist; returns the resolved dataset files."""
+    bp = config.dataset_param.basic_parameters
+    if not os.path.isdir(bp.dataset_dir):
+        raise DataConfigError(f"dataset_param.basic_parameters.dataset_dir: folder {bp.dataset_dir!r} not found")
+    files = bp.resolved_dataset_files()
+    check_model_dir(config.dataset_param.preprocess_parameters.model_name_or_path)
+    return files
+
+
+def validate_data_json(path: str) -> DataConfig:
+    """Everything about data.json that can be checked cheaply, without torch, the tokenizer or
+    the cache: keys, types, values, the dataset files, dataset_dir and the model folder.
+    Raises DataConfigError (a UserError) with one line naming the file and the key."""
+    config = load_data_config(path)
+    try:
+        check_paths(config)
+    except (DataConfigError, DataFileError) as e:
+        raise type(e)(f"{path}: {e}") from None
+    return config
 
 
 def load_data_config(path: str) -> DataConfig:

@@ -19,16 +19,19 @@ class Qwen2VLDataset(torch.utils.data.Dataset):
     """Item i: input_ids, labels, position_ids [3, s], mm_token_type_ids, and pixel_values /
     image_grid_thw (None for a text-only sample)."""
 
-    def __init__(self, cache: CachedSamples, image_processor, ids: VisionTokenIds, pad_token_id: int):
+    def __init__(self, cache: CachedSamples, image_processor, ids: VisionTokenIds, pad_token_id: int,
+                 indices=None):
         self.cache, self.image_processor, self.ids = cache, image_processor, ids
+        # The cache samples in use (None: all); e.g. those within --seq-length.
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.pad_token_id = pad_token_id
         self._warned = False
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.cache) if self.indices is None else len(self.indices)
 
     def _item(self, i: int) -> dict:
-        input_ids, labels, images, grid = self.cache.sample(i)
+        input_ids, labels, images, grid = self.cache.sample(i if self.indices is None else int(self.indices[i]))
         pixel_values = image_grid_thw = None
         if images:
             pixels, hf_grid = load_pixels(images, self.image_processor)

@@ -79,4 +79,11 @@ def parse_record(record, attr: Attr, media_dir: str) -> Conversation:
         raise DropSample("image_count_mismatch", f"{n_placeholders} <image> placeholders, {len(images)} images")
     if any(has_bad_text(p) for p in images):
         raise DropSample("bad_text", "image path is not valid UTF-8")
-    return Conversation(messages, [resolve_path(p, media_dir) for p in images])
+    resolved = [resolve_path(p, media_dir) for p in images]
+    for given, path in zip(images, resolved):
+        if not os.path.isfile(path):
+            # The path as written and both places tried, not dataset_dir joined onto a
+            # path that often already starts with it.
+            where = "" if os.path.isabs(given) else f" (looked in the working directory and in dataset_dir {media_dir!r})"
+            raise DropSample("missing_image", f"image {given!r} not found{where}")
+    return Conversation(messages, resolved)

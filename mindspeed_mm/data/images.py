@@ -14,6 +14,26 @@ from mindspeed_mm.data.formats import DropSample
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 
+def to_8bit(im: Image.Image, path: str) -> Image.Image:
+    """16-bit grayscale (PIL 'I;16*', or 'I' as older Pillow opens such PNGs) -> 8-bit 'L' by
+    keeping the high byte. PIL's own convert('RGB'), which HF's processor applies, clips
+    every value above 255 to 255, so such an image would be almost pure white; here we
+    differ from HF on purpose. 16-bit RGB PNGs already open as 8-bit 'RGB' (high byte)."""
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    if im.mode == "I":
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DropSample("corrupt_image", f"{path}: 32-bit integer pixels outside 0..65535 "
+                             "(only 8- and 16-bit images are supported)")
+        # A PNG in mode 'I' is 16-bit; elsewhere values within 0..255 are taken as 8-bit.
+        shift = 8 if im.format == "PNG" or (a.size and a.max() > 255) else 0
+        return Image.fromarray((a.astype(np.uint32) >> shift).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise DropSample("corrupt_image", f"{path}: floating-point pixels (mode F) are not supported")
+    return im
+
+
 def open_image(path: str) -> Image.Image:
     """Fully decode the file: a truncated JPEG only fails when its pixels are read."""
     if not os.path.isfile(path):
@@ -21,9 +41,9 @@ def open_image(path: str) -> Image.Image:
     try:
         im = Image.open(path)
         im.load()  # also closes the file of a single-frame image
-        return im
     except Exception as e:  # PIL raises many types for bad files
         raise DropSample("corrupt_image", f"{path}: {type(e).__name__}: {e}") from None
+    return to_8bit(im, path)
 
 
 def image_grid(image: Image.Image, image_processor) -> tuple[int, int, int]:

@@ -103,7 +103,8 @@ def convert_records(records, image_dir: str, report=None) -> tuple[list[dict], C
 
 def convert_file(llava_json: str, image_dir: str, output: str, log=print) -> ConvertStats:
     """Read `llava_json`, write `output` atomically, log skips and a summary line.
-    Raises DataFileError for an unreadable or malformed input (nothing is written)."""
+    Raises DataFileError for an unreadable or malformed input, or when no record is usable
+    (nothing is written)."""
     records = load_json(llava_json)
     reported = Counter()
 
@@ -118,6 +119,11 @@ def convert_file(llava_json: str, image_dir: str, output: str, log=print) -> Con
         out, stats = convert_records(records, image_dir, report)
     except DataFileError as e:
         raise DataFileError(f"{llava_json}: {e}") from None
+    if not out:  # an empty output would only fail later, at training; nothing is written
+        why = f"{stats.summary()}; images were looked up in {os.path.abspath(image_dir)!r}"
+        if not os.path.isdir(image_dir):
+            why += " (no such folder: check --image-dir)"
+        raise DataFileError(f"{llava_json}: no usable record to write ({why})")
     write_json_atomic(output, out)
     log(f"{output}: {stats.summary()}")
     return stats

@@ -52,9 +52,18 @@ class DropReport:
 def load_processors(settings: PreprocessSettings):
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_name_or_path)
-    image_processor = Qwen2VLImageProcessor.from_pretrained(
-        settings.model_name_or_path, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+    from mindspeed_mm.data.config import DataConfigError, check_model_dir
+
+    model = settings.model_name_or_path
+    check_model_dir(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        image_processor = Qwen2VLImageProcessor.from_pretrained(
+            model, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+    except (OSError, ValueError, KeyError) as e:  # HF's errors for unreadable / incomplete folders
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataConfigError(f"dataset_param.preprocess_parameters.model_name_or_path: cannot load the "
+                              f"tokenizer / image processor from {model!r}: {first}") from None
     return tokenizer, image_processor
 
 
@@ -110,10 +119,16 @@ def _run_chunk(chunk):
     return out
 
 
+# Samples per task sent to a worker; also the least work worth a worker process of its own
+# (a spawned worker takes seconds to import torch and load the tokenizer).
+CHUNK_SIZE = 64
+
+
 def preprocess_records(items, settings: PreprocessSettings, num_workers: int = 1,
-                       progress: bool = True, chunk_size: int = 64):
+                       progress: bool = True, chunk_size: int = CHUNK_SIZE):
     """`items` is a list of (where, record), where naming the file and index for reports.
-    Returns (samples in input order, DropReport)."""
+    Returns (samples in input order, DropReport). The caller caps num_workers
+    (data.workers.effective_workers, one worker per chunk at most)."""
     from tqdm import tqdm
 
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]

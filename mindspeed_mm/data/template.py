@@ -4,7 +4,17 @@ The text is exactly what Qwen2-VL's Jinja chat template renders; it is tokenized
 with a single `<|image_pad|>` per image, then each pad is repeated
 grid_t*grid_h*grid_w / merge^2 times. Special tokens split the text before BPE, so this
 equals tokenizing the fully expanded text, as Qwen2VLProcessor does. Labels come from
-character offsets, so they never depend on how BPE merges at turn boundaries.
+character offsets.
+
+Answers are tokenized on their own: the text is cut right after each
+`<|im_start|>assistant\n` and each piece is encoded separately (as LLaMA-Factory encodes
+turns). Generation is prompted with exactly the tokens of `...<|im_start|>assistant\n` and
+must produce the answer from there, so training has to teach the answer's own tokens. With
+one encode of the whole text, an answer starting with a newline would merge with the
+head's `\n` into one `\n\n` token spanning prompt and answer, which is masked, so the
+newline would never be trained. Only such merges (answers starting with a newline) differ
+from HF's apply_chat_template tokenization of the whole conversation; everywhere else the
+pre-tokenizer already splits at that point and the ids are identical.
 """
 
 from __future__ import annotations
@@ -37,9 +47,10 @@ class Qwen2VLTemplate:
         self.train_on_prompt = train_on_prompt
         self.mask_history = mask_history
 
-    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-        """Chat text with one pad per image, and the supervised character spans."""
-        parts, spans, pos = [], [], 0
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]], list[int]]:
+        """Chat text with one pad per image, the supervised character spans, and the
+        character positions where answers start (the text is encoded in pieces cut there)."""
+        parts, spans, cuts, pos = [], [], [], 0
         turns = conv.messages
         if turns[0][0] != "system":
             turns = [("system", DEFAULT_SYSTEM)] + turns
@@ -55,17 +66,22 @@ class Qwen2VLTemplate:
                 supervised = role == "assistant" and (not self.mask_history or i > last_user)
             if supervised:
                 spans.append((start, pos + len(head) + len(body)))
+            if role == "assistant":
+                cuts.append(pos + len(head))
             parts += [head, body]
             pos += len(head) + len(body)
-        return "".join(parts), spans
+        return "".join(parts), spans, cuts
 
     def encode(self, conv: Conversation, image_token_counts: list[int]) -> Encoded:
-        text, spans = self.render(conv)
-        enc = self.backend.encode(text, add_special_tokens=True)
-        ids = np.asarray(enc.ids, dtype=np.int32)
+        text, spans, cuts = self.render(conv)
+        bounds = [0] + cuts + [len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        encs = self.backend.encode_batch(pieces, add_special_tokens=False)
+        ids = np.asarray([i for e in encs for i in e.ids], dtype=np.int32)
+        offsets = [a + base for e, base in zip(encs, bounds) for a, _ in e.offsets]
         starts = [s for s, _ in spans]
         sup = np.zeros(len(ids), dtype=bool)
-        for t, (a, _) in enumerate(enc.offsets):
+        for t, a in enumerate(offsets):
             k = bisect_right(starts, a) - 1
             sup[t] = k >= 0 and a < spans[k][1]
         pads = np.flatnonzero(ids == self.image_token_id)
