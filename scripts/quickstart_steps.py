@@ -48,7 +48,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 def hf_generate(export_dir: str, records: list[dict], max_new_tokens: int) -> list[str]:
     """Greedy answers of the exported folder through transformers alone: its tokenizer's chat
-    template, its image processor, Qwen2VLForConditionalGeneration.generate."""
+    template, its image processor, Qwen2VLForConditionalGeneration.generate with the folder's own
+    generation config (the stop ids our inference took from the HF folder too)."""
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
@@ -59,7 +60,6 @@ def hf_generate(export_dir: str, records: list[dict], max_new_tokens: int) -> li
     image_processor = Qwen2VLImageProcessor.from_pretrained(export_dir)
     model = Qwen2VLForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).eval()
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     answers = []
     for rec in records:
         text = tok.apply_chat_template(hf_messages(rec["messages"][:-1]), tokenize=False, add_generation_prompt=True)
@@ -72,7 +72,7 @@ def hf_generate(export_dir: str, records: list[dict], max_new_tokens: int) -> li
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  mm_token_type_ids=(ids == image_pad).int(), pixel_values=pixels["pixel_values"],
                                  image_grid_thw=pixels["image_grid_thw"], max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stop, pad_token_id=stop[1])
+                                 do_sample=False, pad_token_id=tok.pad_token_id)  # its own stop ids, as ours
         answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return answers
 

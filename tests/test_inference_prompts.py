@@ -89,14 +89,16 @@ def test_bad_inputs_name_the_sample(tiny, tmp_path):
         {"messages": [{"role": "user", "content": "fine"}]},
         {"messages": [{"role": "user", "content": "<image>x"}], "images": ["nowhere.png"]},
     ]))
-    convs = read_conversations(str(path))
-    with pytest.raises(UserError, match=r"sample 1: .*nowhere.png not found"):
+    with pytest.raises(UserError, match=r"sample 1: .*nowhere.png'? not found"):  # when read or when built
+        convs = read_conversations(str(path))
         [_builder(tiny).build(conv, f"{path}: sample {i}") for i, (conv, _) in enumerate(convs)]
     path.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>x"}], "images": []}]))
     with pytest.raises(UserError, match=r"sample 0: .*placeholders"):
         read_conversations(str(path))
-    with pytest.raises(UserError, match="--prompt: must not contain"):
+    with pytest.raises(UserError, match="--prompt has 1 '<image>' but 0 --image given"):
         chat_conversation("look <image>", [])
+    with pytest.raises(UserError, match="--prompt: must not contain the vision tokens"):
+        chat_conversation("look <|image_pad|>", [])
     with pytest.raises(UserError, match="the prompt is .* tokens, the model takes at most 8"):
         _builder(tiny, max_length=8).build(chat_conversation("hello", []), "--prompt")
 
