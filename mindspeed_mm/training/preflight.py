@@ -42,12 +42,12 @@ _SHAPE_KEYS = {"vision": ("num_layers", "hidden_size", "num_attention_heads", "f
 def check_run(args, world_size: int, node_rank: int = 0, probe_lock: bool = True):
     """All checks; fills what ``validate`` derives on ``args`` (and the pipeline split from the
     checkpoint when the flags leave it out).  Returns (model_cfg, data_cfg)."""
-    from mindspeed_mm.data.config import load_data_config
+    from mindspeed_mm.data.config import validate_data_json
     from mindspeed_mm.models.config import Qwen2VLConfig
     from mindspeed_mm.training.arguments import validate
 
     model_cfg = Qwen2VLConfig.load(args.mm_model)
-    data_cfg = load_data_config(args.mm_data)
+    data_cfg = validate_data_json(args.mm_data)  # keys, types, dataset files, image folder, tokenizer folder
     checkpoint = _checkpoint_to_load(args) if args.load else None
     if checkpoint is not None:
         _take_split_from_checkpoint(args, checkpoint)

@@ -127,7 +127,7 @@ def precision_summary(model, optimizer) -> str:
 class Batches:
     """This data-parallel rank's micro-batches, moved to the device and padded as the flags say."""
 
-    def __init__(self, dataset, data_cfg, args, consumed_samples, device):
+    def __init__(self, dataset, data_cfg, args, consumed_samples, device, log=print):
         from megatron.core import parallel_state as ps
 
         from mindspeed_mm.data.builder import build_dataloader
@@ -140,7 +140,7 @@ class Batches:
             loader = build_dataloader(dataset, data_cfg, consumed_samples=consumed_samples, seed=args.seed,
                                       dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                                       pad_to_multiple_of=multiple,
-                                      min_length=0 if args.variable_seq_lengths else args.seq_length)
+                                      min_length=0 if args.variable_seq_lengths else args.seq_length, log=log)
         except ValueError as exc:  # fewer samples than one micro-batch per data-parallel rank
             raise UserError(f"{args.mm_data}: {exc}") from None
         self.iterator = iter(loader)
@@ -310,12 +310,14 @@ def train(args, model_cfg, data_cfg, platform):
     report.print(describe_schedule(scheduler, "the checkpoint" if kept else "these flags"))
 
     train_ds, valid_ds = split_dataset(
-        build_train_valid_datasets(data_cfg, log=report.print)[0], args.split_fractions, args.seed)
-    batches = Batches(train_ds, data_cfg, args, state["consumed_samples"], device)
+        # --seq-length bounds every sample (longer ones are dropped and counted), variable lengths or not.
+        build_train_valid_datasets(data_cfg, log=report.print, max_seq_length=args.seq_length)[0],
+        args.split_fractions, args.seed)
+    batches = Batches(train_ds, data_cfg, args, state["consumed_samples"], device, log=report.print)
     valid_factory = None
     if valid_ds is not None and args.eval_interval and args.eval_iters:
         args.eval_iters_effective = max(1, min(args.eval_iters, len(valid_ds) // args.global_batch_size))
-        valid_factory = lambda: Batches(valid_ds, data_cfg, args, 0, device)  # noqa: E731
+        valid_factory = lambda: Batches(valid_ds, data_cfg, args, 0, device, log=report.print)  # noqa: E731
     elif args.eval_interval and args.eval_iters:
         report.print("warning: no held-out samples (--split gives validation 0): evaluation is skipped")
 
