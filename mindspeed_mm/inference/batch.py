@@ -1,11 +1,10 @@
 """A whole MLLM-format file: one JSONL line per sample, written under a temporary name, then renamed."""
 import json
-import os
-import tempfile
 from contextlib import contextmanager
 from typing import List
 
 from mindspeed_mm.inference.generate import Generator
+from mindspeed_mm.jsonio import atomic_open
 from mindspeed_mm.inference.prompts import Prompt, PromptBuilder
 
 
@@ -15,16 +14,8 @@ def jsonl_writer(path: str, enabled: bool = True):
     if not enabled:
         yield lambda obj: None
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield lambda obj: f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "w", suffix=".jsonl") as f:  # mode from the umask, like a plain open()
+        yield lambda obj: f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def run_batch(generator: Generator, builder: PromptBuilder, prompts: List[Prompt], tokenizer, output: str,
