@@ -77,6 +77,7 @@ def saved_run(tiny):
     rc, out = launch(tiny, save, "--save-interval", "1")
     assert rc == 0, out[-3000:]
     assert sorted(losses(out)) == [1, 2]
+    assert "TFLOP/s/CPU" in out and "TFLOP/s/GPU" not in out  # the device the processes really ran on
     return save
 
 
@@ -237,3 +238,21 @@ def test_help_works():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--override-opt-param-scheduler" in proc.stdout and "--ckpt-step" in proc.stdout
+
+
+def test_save_dir_without_room_for_one_checkpoint(tmp_path):
+    import argparse
+    import shutil
+
+    from mindspeed_mm.errors import UserError
+    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.training.preflight import check_save_dir, checkpoint_bytes
+
+    cfg = Qwen2VLConfig.load(os.path.join(ROOT, "examples", "qwen2vl", "model_72b.json"))
+    args = argparse.Namespace(save=str(tmp_path / "save"), precision="bf16", no_save_optim=False)
+    need = checkpoint_bytes(cfg, args)
+    assert 0.9e12 < need < 1.2e12  # 72B parameters x (2 bytes bf16 + 12 bytes fp32 main params and moments)
+    if shutil.disk_usage(tmp_path).free >= need:
+        pytest.skip("this disk has room for a 72B checkpoint")
+    with pytest.raises(UserError, match="GB free, but one checkpoint of this model takes about"):
+        check_save_dir(args, cfg)
