@@ -22,7 +22,9 @@ import numpy as np
 
 from mindspeed_mm.data.preprocess import PreprocessSettings, Sample
 
-CACHE_FORMAT_VERSION = 1
+# Bumped whenever preprocessing gives other tokens or lengths for the same inputs, so that an old
+# cache is rebuilt: 2 = answers tokenized apart from their prompt, 16-bit images scaled to 8 bits.
+CACHE_FORMAT_VERSION = 2
 # Files of a HF model folder that shape tokens or pixels (weights are irrelevant here).
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                     "special_tokens_map.json", "vocab.json", "merges.txt", "preprocessor_config.json")
