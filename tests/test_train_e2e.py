@@ -22,6 +22,8 @@ import pytest
 from tests.train_fixtures import (ROOT, convert, env, hf_loss_on_first_samples, losses, make_data, make_hf_model,
                                   run_training, train_flags, wait_for_line)
 
+pytestmark = pytest.mark.slow  # torchrun / launcher runs: left out by -m "not slow"
+
 
 
 @pytest.fixture(scope="module")

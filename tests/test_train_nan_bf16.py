@@ -26,6 +26,8 @@ from tests.multiproc import free_port
 from tests.train_fixtures import (ROOT, convert, env, hf_loss_on_first_samples, losses, make_data, make_hf_model,
                                   train_flags, wait_for_line)
 
+pytestmark = pytest.mark.slow  # torchrun / launcher runs: left out by -m "not slow"
+
 LOG_LINE = re.compile(r"iteration\s+(\d+)/.*?\| lm loss: (\S+) \|.*?number of skipped iterations:\s+(\d+) \| "
                       r"number of nan iterations:\s+(\d+) \|")
 

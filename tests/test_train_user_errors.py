@@ -26,6 +26,8 @@ import pytest
 from tests.multiproc import free_port
 from tests.train_fixtures import ROOT, convert, env, losses, make_data, make_hf_model
 
+pytestmark = pytest.mark.slow  # torchrun / launcher runs: left out by -m "not slow"
+
 LAUNCHER = os.path.join(ROOT, "examples", "qwen2vl", "finetune_qwen2vl_2b.sh")
 LR_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| learning rate: ([-+0-9.E]+) \|")
 
