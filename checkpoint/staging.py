@@ -17,7 +17,9 @@ from mindspeed_mm.errors import UserError
 
 
 DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e)
-_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large")
+# ... and torch.save's, whose zip writer drops the errno ("unexpected pos N vs M").
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large", "unexpected pos",
+                   "pytorchstreamwriter failed writing")
 
 
 class DiskFullError(UserError):

@@ -21,6 +21,7 @@ import torch
 
 from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, TRACKER, iteration_dir, rank_dir,  # noqa: F401
                                read_tracker, replace_dir, write_tracker)
+from checkpoint.staging import disk_full_error
 from mindspeed_mm.errors import UserError
 
 # ---- rng --------------------------------------------------------------------
@@ -44,9 +45,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- save -------------------------------------------------------------------
-_TORCH_WRITE_FAILURES = ("unexpected pos", "failed writing", "PytorchStreamWriter")
-
-
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, train_state: dict,
                     model_cfg, args) -> str:
     """Collective: every rank calls it.  Returns the final iteration directory."""
@@ -99,10 +97,11 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
             write_train_state(tmp, iteration, scheduler if save_optim else None, args)
     except OSError as exc:  # a full disk or quota: every rank learns of it, nothing is published
         failure = f"{exc.filename or tmp}: {exc.strerror or exc}"
-    except RuntimeError as exc:  # torch.save hides the errno: 'unexpected pos' / 'failed writing'
-        if not any(t in str(exc) for t in _TORCH_WRITE_FAILURES):
+    except RuntimeError as exc:  # torch.save hides the errno: the converter's classifier knows its text
+        full = disk_full_error(exc, out_dir)
+        if full is None:
             raise
-        failure = f"{out_dir}: writing failed, is the disk full? ({str(exc).splitlines()[0][:120]})"
+        failure = str(full)
     failures = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(failures, failure)
     failed = [f for f in failures if f]

@@ -19,8 +19,7 @@ import os
 import shutil
 import zipfile
 
-from checkpoint.layout import (LAYOUT_FILE, MODEL_FILE, TRACKER, format_layout, iteration_dir, rank_dir,
-                               read_layout, read_tracker)
+from checkpoint.layout import MODEL_FILE, TRACKER, format_layout, iteration_dir, rank_dir, read_layout, read_tracker
 from mindspeed_mm.errors import UserError
 
 LOCK_FILE = ".train.lock"  # in the save folder, held (flock) by rank 0 for the whole run
@@ -70,7 +69,7 @@ def _checkpoint_to_load(args) -> dict:
         raise UserError(f"--load {args.load}: no {TRACKER} and no release/ folder: not a checkpoint")
     folder = iteration_dir(args.load, tag)
     if not os.path.isdir(folder):
-        saved = sorted(n for n in os.listdir(args.load) if n.startswith("iter_") and "." not in n)
+        saved = [os.path.basename(iteration_dir(args.load, n)) for n in _saved_iterations(args.load)]
         raise UserError(f"--load {args.load}: {os.path.basename(folder)} not found (saved: "
                         f"{', '.join(saved) or 'none'})")
     return {"tag": tag, "dir": folder, "layout": read_layout(folder)}
@@ -144,11 +143,8 @@ def _check_readable(path: str, args, tag) -> None:
 
 
 def _saved_iterations(root: str):
-    out = []
-    for name in os.listdir(root):
-        if name.startswith("iter_") and name[5:].isdigit():
-            out.append(int(name[5:]))
-    return sorted(out)
+    """Iterations of the complete iteration folders (not iter_N.tmp-* / .old-*), ascending."""
+    return sorted(int(name[5:]) for name in os.listdir(root) if name.startswith("iter_") and name[5:].isdigit())
 
 
 def _read_train_state(folder: str):
@@ -192,10 +188,9 @@ def _fmt(value) -> str:
 
 def describe_schedule(scheduler, source: str) -> str:
     """The schedule the run follows, read from the scheduler itself."""
-    text = (f"learning-rate schedule ({source}): {scheduler.lr_decay_style} from {scheduler.max_lr:g} to "
+    return (f"learning-rate schedule ({source}): {scheduler.lr_decay_style} from {scheduler.max_lr:g} to "
             f"{scheduler.min_lr:g}, warmup {scheduler.lr_warmup_steps} and decay over {scheduler.lr_decay_steps} "
             f"iterations, at step {scheduler.num_steps}")
-    return text
 
 
 # ---- the save folder -----------------------------------------------------------
@@ -291,5 +286,3 @@ def write_train_state(iter_dir: str, iteration: int, scheduler, args) -> None:
              "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None}
     write_atomically(os.path.join(iter_dir, TRAIN_STATE_FILE), json.dumps(state, indent=1) + "\n")
 
-
-__all__ = ["check_run", "check_resume", "describe_schedule", "SaveDirLock", "write_train_state", "LAYOUT_FILE"]
