@@ -26,7 +26,6 @@ from checkpoint.hf_io import (
     read_hf_config,
     write_hf_shards,
 )
-from checkpoint.mapping import HFToOurs, OursToHF, check_hf_keys
 from checkpoint.megatron_io import (
     find_layout,
     load_rank,
@@ -37,10 +36,10 @@ from checkpoint.megatron_io import (
     write_tracker,
 )
 from checkpoint.layout import LAYOUT_FILE, format_layout, iteration_dir, read_layout, write_layout
-from checkpoint.parallel import MergedView, shard_state, stage_layer_counts, stage_names
 from checkpoint.staging import check_save_dir, staged_dir, writing
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models import get_spec
+from mindspeed_mm.models.parallel import stage_layer_counts
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -72,7 +71,7 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
     """Write ``save_dir`` as a Megatron-layout ``release`` checkpoint plus ``model.json``."""
     start = time.time()
     hf = HFCheckpoint(load_dir)
-    cfg = hf.cfg
+    spec, cfg = hf.spec, hf.cfg
     if num_layers is not None and num_layers != cfg.text.num_layers:
         raise UserError(f"--num-layers {num_layers}: {load_dir}/config.json has {cfg.text.num_layers} LLM layers")
     tp = tensor_parallel_size
@@ -80,27 +79,27 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
         raise UserError(f"--tensor-parallel-size {tp}: must be at least 1")
     cfg.check_parallel(tp)
     stage_layers = stage_layer_counts(cfg.text.num_layers, pipeline_layer_index, pipeline_num_layers)
-    check_hf_keys(hf.keys(), cfg, source=load_dir, shapes=hf.shapes)
+    spec.mapping.check_hf_keys(hf.keys(), cfg, source=load_dir, shapes=hf.shapes)
     check_save_dir(save_dir, overwrite, [load_dir])
     cfg.dtype = params_dtype or _dtype_name(hf.dtypes.get("model.embed_tokens.weight"), cfg.dtype)
     cast = TORCH_DTYPES[params_dtype] if params_dtype else None
 
     pp = len(stage_layers)
-    names = [stage_names(cfg, stage_layers, p) for p in range(pp)]
+    names = [spec.stage_names(cfg, stage_layers, p) for p in range(pp)]
     # Byte copies straight from the safetensors files unless a dtype cast needs the tensors in memory.
     streamed = cast is None or set(hf.dtypes.values()) == {cast}
     summary = Summary(save_dir, parameters=sum(math.prod(s) for s in hf.shapes.values()))
     with staged_dir(save_dir) as tmp, _progress(sum(map(len, names)) * tp, progress) as tick, \
             OpenFiles() as files:
-        ours = _Tapped(HFToOurs(hf, cfg), cast, tick)
+        ours = _Tapped(spec.ours_view(hf, cfg), cast, tick)
 
         def write_rank(p: int, t: int) -> int:
             path = rank_file(tmp, "release", t, p, pp)
-            specs = rank_specs(hf, cfg, names[p], tp, t, files, tick) if streamed else None
+            specs = rank_specs(spec, hf, cfg, names[p], tp, t, files, tick) if streamed else None
             with writing(path):
                 if specs is not None:
                     return save_rank_streamed(path, specs)
-                state = shard_state(ours, cfg, tp, t, stage_layers, p)  # one rank's tensors in memory at a time
+                state = spec.shard_state(ours, cfg, tp, t, stage_layers, p)  # one rank's tensors in memory at a time
                 return save_rank(path, state)
 
         ranks = [(p, t) for p in range(pp) for t in range(tp)]
@@ -149,17 +148,17 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
     """Write ``save_dir`` as an HF folder (hub key layout, sharded safetensors + index) from any
     TP x PP layout of ``load_dir``; config, tokenizer and processor files come from ``hf_dir``."""
     start = time.time()
-    raw_config, cfg = read_hf_config(hf_dir)
-    cfg = _checked_model_config(load_dir, cfg, hf_dir)
+    raw_config, spec, cfg = read_hf_config(hf_dir)
+    cfg = _checked_model_config(spec, load_dir, cfg, hf_dir)
     layout = find_layout(load_dir, iteration)
     check_save_dir(save_dir, overwrite, [load_dir, hf_dir])
     states = {r: load_rank(layout.rank_file(*r)) for r in layout.ranks()}  # memory-mapped
     config_source = (os.path.join(load_dir, "model.json") if os.path.isfile(os.path.join(load_dir, "model.json"))
                      else os.path.join(hf_dir, "config.json"))
     stage_layers = _recorded_stage_layers(layout, states, cfg, config_source)
-    full = MergedView(states, cfg, stage_layers, config_source=config_source,
-                      rank_name=lambda t, p: layout.rank_file(t, p))
-    hf_state = OursToHF(full, cfg)
+    full = spec.merged_view(states, cfg, stage_layers, config_source=config_source,
+                            rank_name=lambda t, p: layout.rank_file(t, p))
+    hf_state = spec.hf_view(full, cfg)
     cast = TORCH_DTYPES[params_dtype] if params_dtype else None
     summary = Summary(save_dir)
 
@@ -180,7 +179,7 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
     return summary
 
 
-def _recorded_stage_layers(layout, states, cfg: Qwen2VLConfig, config_source: str) -> List[int]:
+def _recorded_stage_layers(layout, states, cfg, config_source: str) -> List[int]:
     """LLM layers per stage from the rank files, checked against layout.json (when the checkpoint has one)
     and against the model config's num_layers."""
     found = stage_layers_of(layout, states)
@@ -198,12 +197,12 @@ def _recorded_stage_layers(layout, states, cfg: Qwen2VLConfig, config_source: st
     return found
 
 
-def _checked_model_config(load_dir: str, hf_cfg: Qwen2VLConfig, hf_dir: str) -> Qwen2VLConfig:
+def _checked_model_config(spec, load_dir: str, hf_cfg, hf_dir: str):
     """The checkpoint's own model.json when it has one, checked against the HF config it is exported with."""
     path = os.path.join(load_dir, "model.json")
     if not os.path.isfile(path):
         return hf_cfg
-    cfg = Qwen2VLConfig.load(path)
+    cfg = spec.config_cls.load(path)
     for part in ("vision", "text"):
         ours, theirs = getattr(cfg, part).__dict__, getattr(hf_cfg, part).__dict__
         for key in ours:

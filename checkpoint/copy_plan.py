@@ -21,10 +21,9 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from checkpoint.mapping import ROW, entries, split_kind
-from checkpoint.parallel import shard_tensor
 from checkpoint.torch_zip import TensorSpec
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.mapping import ROW
+from mindspeed_mm.models.spec import ModelSpec
 
 # (source file or None for zeros, byte offset, byte count, None or (row bytes, column offset, column bytes)
 # when only a column range of every row is taken)
@@ -32,10 +31,10 @@ Run = Tuple[Optional[str], int, int, Optional[Tuple[int, int, int]]]
 _ZEROS = bytes(1 << 22)
 
 
-def rank_specs(hf, cfg: Qwen2VLConfig, names: Sequence[Tuple[str, str]], tp_size: int, tp_rank: int,
+def rank_specs(spec: ModelSpec, hf, cfg, names: Sequence[Tuple[str, str]], tp_size: int, tp_rank: int,
                files: "OpenFiles", tick: Callable[[], None]) -> Optional[Dict[str, TensorSpec]]:
     """TensorSpecs for one rank's (local name, global source) list, or None if a tensor mixes dtypes."""
-    by_name = {e.ours: e for e in entries(cfg)}
+    by_name = {e.ours: e for e in spec.entries(cfg)}
     specs = {}
     for local, source in names:
         e = by_name[source]
@@ -43,13 +42,13 @@ def rank_specs(hf, cfg: Qwen2VLConfig, names: Sequence[Tuple[str, str]], tp_size
         if len(dtypes) != 1:
             return None
         dtype = dtypes.pop()
-        shape = shard_tensor(local, torch.empty(e.param.shape(cfg), device="meta"), cfg, tp_size, tp_rank).shape
-        runs = _runs(hf, cfg, e, local, tp_size, tp_rank, torch.empty((), dtype=dtype).element_size())
+        shape = spec.shard_tensor(local, torch.empty(e.param.shape(cfg), device="meta"), cfg, tp_size, tp_rank).shape
+        runs = _runs(spec, hf, cfg, e, local, tp_size, tp_rank, torch.empty((), dtype=dtype).element_size())
         specs[local] = TensorSpec(dtype, shape, _filler(runs, files, tick))
     return specs
 
 
-def _runs(hf, cfg, e, local: str, tp_size: int, tp_rank: int, itemsize: int) -> List[Run]:
+def _runs(spec: ModelSpec, hf, cfg, e, local: str, tp_size: int, tp_rank: int, itemsize: int) -> List[Run]:
     shapes = [hf.shapes[h] for h in e.hf]
     row_bytes = {math.prod(s[1:]) * itemsize for s in shapes}
     assert len(row_bytes) == 1, f"{e.ours}: HF inputs with different row sizes"
@@ -60,8 +59,8 @@ def _runs(hf, cfg, e, local: str, tp_size: int, tp_rank: int, itemsize: int) -> 
         ids.append(torch.arange(total + 1, total + 1 + s[0]))
         total += s[0]
     rows = e.param.transform.to_ours(ids, cfg).reshape(-1)
-    if split_kind(local) != ROW or tp_size == 1:
-        return _merge(shard_tensor(local, rows, cfg, tp_size, tp_rank), bases, [hf.location(h) for h in e.hf],
+    if spec.mapping.split_kind(local) != ROW or tp_size == 1:
+        return _merge(spec.shard_tensor(local, rows, cfg, tp_size, tp_rank), bases, [hf.location(h) for h in e.hf],
                       row_bytes)
     part = row_bytes // tp_size  # row parallel: this rank's column range of every row
     return [(path, offset, count, (row_bytes, tp_rank * part, part))

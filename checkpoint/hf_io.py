@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint.mapping import hub_key
 from checkpoint.staging import writing
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import apply_umask_mode, load_json
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models import spec_for_hf_config
+from mindspeed_mm.models.mapping import hub_key
+from mindspeed_mm.models.spec import ModelSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -29,13 +30,14 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
            "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
 
 
-def read_hf_config(hf_dir: str) -> Tuple[dict, Qwen2VLConfig]:
-    """(config.json as a dict, our model config); a one-line error if not a Qwen2-VL folder."""
+def read_hf_config(hf_dir: str) -> Tuple[dict, ModelSpec, object]:
+    """(config.json as a dict, the family's spec, our model config); one line if no known family."""
     if not os.path.isdir(hf_dir):
         raise UserError(f"{hf_dir}: HF checkpoint directory not found")
     path = os.path.join(hf_dir, "config.json")
     raw = load_json(path)
-    return raw, Qwen2VLConfig.from_hf(raw, source=path)
+    spec = spec_for_hf_config(raw)
+    return raw, spec, spec.config_cls.from_hf(raw, source=path)
 
 
 class HFCheckpoint(Mapping):
@@ -44,7 +46,7 @@ class HFCheckpoint(Mapping):
 
     def __init__(self, hf_dir: str):
         self.dir = hf_dir
-        self.raw_config, self.cfg = read_hf_config(hf_dir)
+        self.raw_config, self.spec, self.cfg = read_hf_config(hf_dir)
         self.files = self._weight_files()
         self._where: Dict[str, Tuple[str, str]] = {}  # hub name -> (file, name in the file)
         self._offsets: Dict[str, int] = {}  # hub name -> offset of its bytes in the file

@@ -67,14 +67,14 @@ def make_random_hf(folder: str, model_json: str, shard_bytes: int = 4 * 10 ** 9)
     import torch
     from safetensors.torch import save_file
 
-    from checkpoint.mapping import hf_shapes
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl import QWEN2VL
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 
     cfg = Qwen2VLConfig.load(model_json)
     os.makedirs(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hub_config(cfg), f, indent=2)
-    shapes = hf_shapes(cfg)
+    shapes = QWEN2VL.mapping.hf_shapes(cfg)
     groups, group, size = [], [], 0
     for name, shape in shapes.items():
         n = 2 * math.prod(shape)

@@ -28,10 +28,10 @@ def build_models(args, device):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from checkpoint.mapping import hf_to_mm
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl import QWEN2VL
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.models.parallel import ParallelSettings
-    from mindspeed_mm.models.qwen2vl import Qwen2VLModel
+    from mindspeed_mm.models.qwen2vl.model import Qwen2VLModel
     from scripts.make_tiny_qwen2vl import make_tokenizer, special_token_ids, tiny_config
 
     tokenizer = make_tokenizer()
@@ -54,7 +54,7 @@ def build_models(args, device):
     cfg = Qwen2VLConfig.from_hf(config.to_dict())
     cfg.dtype = args.dtype
     ours = Qwen2VLModel(cfg, ParallelSettings(tensor_parallel=1))
-    ours.load_full_state(hf_to_mm({k: v.detach().cpu() for k, v in hf.state_dict().items()}, cfg), 0, 0)
+    ours.load_full_state(QWEN2VL.hf_to_mm({k: v.detach().cpu() for k, v in hf.state_dict().items()}, cfg), 0, 0)
     return tokenizer, hf, ours.to(device).eval(), cfg
 
 

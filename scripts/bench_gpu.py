@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     from mindspeed_mm.platform import setup_platform
 
     platform = setup_platform("cuda" if torch.cuda.is_available() else "cpu")
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
     from mindspeed_mm.training.flops import BatchShape, train_flops
     from mindspeed_mm.training.train import PRECISION_DTYPES, train_step

@@ -132,8 +132,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from checkpoint.mapping import hf_to_mm
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl import QWEN2VL
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
     from mindspeed_mm.training.checkpointing import unwrap
     from mindspeed_mm.training.train import train_step
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         cfg.save(model_json)
         flags = training_flags(model_json, args.batch_size, args.lr)
         train_args, model, optimizer, scheduler = build_ours(flags, cfg)
-    unwrap(model).load_full_state(hf_to_mm({k: v.detach().clone() for k, v in hf.state_dict().items()}, cfg))
+    unwrap(model).load_full_state(QWEN2VL.hf_to_mm({k: v.detach().clone() for k, v in hf.state_dict().items()}, cfg))
     optimizer.reload_model_params()  # the optimizer's main copies from the loaded weights, as after --load
     model.train()
 

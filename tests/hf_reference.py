@@ -51,7 +51,7 @@ def hf_model(config=None, seed: int = 0, dtype=torch.float32):
 
 def our_config(config=None, dtype: str = "fp32"):
     """Our Qwen2VLConfig for the same architecture."""
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 
     cfg = Qwen2VLConfig.from_hf((config or hf_config()).to_dict())
     cfg.dtype = dtype
@@ -59,7 +59,7 @@ def our_config(config=None, dtype: str = "fp32"):
 
 
 def hf_state(model):
-    """The model's state dict (transformers-5 internal names, accepted by checkpoint.mapping)."""
+    """The model's state dict (transformers-5 internal names, accepted by the mapping table)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -115,13 +115,13 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def build_our_model(hf, cfg=None, pre_process: bool = True, post_process: bool = True, **parallel_kwargs):
     """This rank's stage of our Qwen2VLModel holding ``hf``'s weights, loaded the way checkpoints are:
-    checkpoint.mapping.hf_to_mm, then checkpoint.parallel.shard_state. Call after init_distributed."""
-    from checkpoint.mapping import hf_to_mm
-    from mindspeed_mm.models.qwen2vl import Qwen2VLModel
+    QWEN2VL.hf_to_mm, then the spec's shard_state. Call after init_distributed."""
+    from mindspeed_mm.models.qwen2vl import QWEN2VL
+    from mindspeed_mm.models.qwen2vl.model import Qwen2VLModel
 
     cfg = cfg or our_config(hf.config)
     model = Qwen2VLModel(cfg, pre_process=pre_process, post_process=post_process, **parallel_kwargs)
-    model.load_full_state(hf_to_mm(hf_state(hf), cfg))
+    model.load_full_state(QWEN2VL.hf_to_mm(hf_state(hf), cfg))
     return model
 
 

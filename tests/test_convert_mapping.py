@@ -2,12 +2,16 @@
 import pytest
 import torch
 
-from checkpoint.mapping import (EMBEDDING, OUTPUT_LAYER, check_hf_keys, hf_shapes, hf_to_mm, hub_key, mm_to_hf,
-                                ours_shapes)
-from checkpoint.parallel import merge_shards, shard_state, stage_layer_counts, stage_names
+from mindspeed_mm.models.mapping import EMBEDDING, OUTPUT_LAYER, hub_key
+from mindspeed_mm.models.parallel import stage_layer_counts
+from mindspeed_mm.models.qwen2vl import QWEN2VL
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from scripts.make_tiny_qwen2vl import tiny_config
+
+hf_to_mm, mm_to_hf, shard_state, merge_shards, stage_names = (
+    QWEN2VL.hf_to_mm, QWEN2VL.mm_to_hf, QWEN2VL.shard_state, QWEN2VL.merge_shards, QWEN2VL.stage_names)
+check_hf_keys, hf_shapes, ours_shapes = QWEN2VL.mapping.check_hf_keys, QWEN2VL.mapping.hf_shapes, QWEN2VL.mapping.ours_shapes
 
 # vocab 2100 is not a multiple of 128: padding is exercised at every TP size.  8 heads in 4 query
 # groups (GQA) so TP=4 still splits whole groups; head_dim 16 -> mrope sections summing to 8.

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from checkpoint import convert
 from checkpoint.convert import convert_hf_to_mm, convert_mm_to_hf
 from checkpoint.hf_io import HFCheckpoint
-from checkpoint.mapping import hf_to_mm, hub_key
-from checkpoint.parallel import shard_state
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.mapping import hub_key
+from mindspeed_mm.models.qwen2vl import QWEN2VL
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from scripts.make_tiny_qwen2vl import make_image_processor, make_tokenizer
 from tests.hf_reference import hf_config, hf_model, hub_flat_config
 
@@ -119,10 +119,10 @@ def test_byte_copies_equal_the_mapping_in_memory(hf_dirs, tmp_path, tied, intern
     convert_hf_to_mm(str(src), str(tmp_path / "mm"), tensor_parallel_size=tp, pipeline_num_layers=stage_layers,
                      progress=False)
     hf = HFCheckpoint(str(src))
-    full = hf_to_mm(hf, hf.cfg)
+    full = QWEN2VL.hf_to_mm(hf, hf.cfg)
     for p in range(len(stage_layers)):
         for t in range(tp):
-            want = shard_state(full, hf.cfg, tp, t, stage_layers, p)
+            want = QWEN2VL.shard_state(full, hf.cfg, tp, t, stage_layers, p)
             path = tmp_path / "mm" / "release" / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt"
             for kwargs in (dict(mmap=True), dict(weights_only=True)):
                 got = torch.load(path, **kwargs)["model"]

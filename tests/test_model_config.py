@@ -4,7 +4,7 @@ import json
 import pytest
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from scripts.make_tiny_qwen2vl import tiny_config
 from tests.hf_reference import hub_flat_config
 

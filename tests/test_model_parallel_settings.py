@@ -1,9 +1,8 @@
 """Pipeline layout and recompute settings: the guide's split, and one-line errors for bad flags."""
 import pytest
 
-from checkpoint.parallel import stage_layer_counts
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.parallel import ParallelSettings, megatron_layout
+from mindspeed_mm.models.parallel import ParallelSettings, megatron_layout, stage_layer_counts
 
 
 def test_guide_pipeline_layer_index_gives_embedding_only_first_stage():

@@ -2,7 +2,7 @@
 
 One process (megatron needs its parallel state) measures everything; the
 tests below assert on the measurements.  Weights reach our model through
-checkpoint.mapping.hf_to_mm + checkpoint.parallel.shard_state.
+QWEN2VL.hf_to_mm + the table-driven shard_state.
 """
 import pytest
 
@@ -42,7 +42,7 @@ def _logit_diffs(model, hf, make_batch, hf_forward, vocab):
 
 def _loss_and_grads(hf, recompute):
 
-    from checkpoint.mapping import hf_to_mm
+    from mindspeed_mm.models.qwen2vl import QWEN2VL
     from tests.hf_reference import build_our_model, hf_forward, make_batch, shift_labels
 
     batch = make_batch("right")
@@ -60,7 +60,7 @@ def _loss_and_grads(hf, recompute):
                       batch["pixel_values"], batch["image_grid_thw"], labels=labels)
     loss = per_token.sum() / (labels != -100).sum()
     loss.backward()
-    want = hf_to_mm({k: p.grad for k, p in hf.named_parameters()}, model.cfg)
+    want = QWEN2VL.hf_to_mm({k: p.grad for k, p in hf.named_parameters()}, model.cfg)
     grads = {n: p.grad for n, p in model.named_parameters()}
     missing = sorted(n for n, g in grads.items() if g is None)
     rel = {n: _rel(g, want[n]) for n, g in grads.items() if g is not None}

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.training.arguments import parse_args, validate
 from mindspeed_mm.training.flops import BatchShape, forward_flops, train_flops
 

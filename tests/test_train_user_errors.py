@@ -247,7 +247,7 @@ def test_save_dir_without_room_for_one_checkpoint(tmp_path):
     import shutil
 
     from mindspeed_mm.errors import UserError
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.training.preflight import check_save_dir, checkpoint_bytes
 
     cfg = Qwen2VLConfig.load(os.path.join(ROOT, "examples", "qwen2vl", "model_72b.json"))

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from checkpoint.convert import TORCH_DTYPES, convert_hf_to_mm  # noqa: E402
-from checkpoint.parallel import parse_int_list  # noqa: E402
+from mindspeed_mm.models.parallel import parse_int_list  # noqa: E402
 from mindspeed_mm.errors import cli_main  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import torch
 from mindspeed_mm.inference.arguments import GenerationSettings
 from mindspeed_mm.inference.prompts import PromptBatch
 from mindspeed_mm.inference.sampling import next_tokens
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.rope_index import get_rope_index
 
 

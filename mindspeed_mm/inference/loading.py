@@ -2,7 +2,7 @@
 
 Any saved layout loads at any tensor-parallel size: the rank files of the
 saved TP x PP grid are memory-mapped, merged one tensor at a time into the
-full state (checkpoint.parallel.MergedView) and cut again for this rank
+full state (the spec's merged_view, models/sharding.py) and cut again for this rank
 (Qwen2VLModel.load_full_state).  Inference runs the whole model on every
 rank (no pipeline stages).
 """
@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import load_json
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 
 # Tokens the chat format needs, and the config field that must agree with the tokenizer.
 VISION_TOKENS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
@@ -122,7 +122,7 @@ def open_checkpoint(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], sou
     ``cfg``: every tensor's shape, and the LLM layers of each saved pipeline stage (layout.json)."""
     from checkpoint.layout import format_layout, read_layout
     from checkpoint.megatron_io import load_rank, stage_layers_of
-    from checkpoint.parallel import MergedView
+    from mindspeed_mm.models import spec_of
 
     layout = find_checkpoint(load, iteration)
     states = {r: load_rank(layout.rank_file(*r)) for r in layout.ranks()}  # memory-mapped
@@ -134,15 +134,15 @@ def open_checkpoint(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], sou
     if sum(saved_layers) != cfg.text.num_layers:
         raise UserError(f"--load {load}: the checkpoint holds {sum(saved_layers)} LLM layers but {source} "
                         f"says text.num_layers = {cfg.text.num_layers}")
-    return MergedView(states, cfg, saved_layers, config_source=source, rank_name=layout.rank_file)
+    return spec_of(cfg).merged_view(states, cfg, saved_layers, config_source=source, rank_name=layout.rank_file)
 
 
 def load_model(cfg: Qwen2VLConfig, full_state, tensor_parallel: int):
     """The whole model on this rank (eval mode), TP-sharded for ``tensor_parallel``; call after init_distributed.
     ``full_state``: open_checkpoint's (already checked against ``cfg``)."""
+    from mindspeed_mm.models import spec_of
     from mindspeed_mm.models.parallel import ParallelSettings
-    from mindspeed_mm.models.qwen2vl import Qwen2VLModel
 
-    model = Qwen2VLModel(cfg, ParallelSettings(tensor_parallel=tensor_parallel))
+    model = spec_of(cfg).build_stage(cfg, ParallelSettings(tensor_parallel=tensor_parallel))
     model.load_full_state(full_state, pp_rank=0)
     return model.eval()

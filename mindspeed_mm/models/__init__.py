@@ -1,1 +1,33 @@
+"""Model families, one spec each (models/spec.py), looked up by HF ``model_type`` or by config.
 
+Adding a family: a folder beside ``qwen2vl/`` with its config, modules and mapping
+rows, and one line in :data:`SPECS`.
+"""
+from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.qwen2vl import QWEN2VL
+from mindspeed_mm.models.spec import ModelSpec
+
+SPECS = {spec.name: spec for spec in (QWEN2VL,)}
+
+
+def get_spec(model_type: str = "qwen2_vl") -> ModelSpec:
+    """The spec of an HF ``model_type``; one line naming the known ones otherwise."""
+    try:
+        return SPECS[model_type]
+    except KeyError:
+        raise UserError(f"model_type {model_type!r} is not supported (known: {', '.join(sorted(SPECS))})") from None
+
+
+def spec_of(cfg) -> ModelSpec:
+    """The spec whose config class built ``cfg``."""
+    for spec in SPECS.values():
+        if isinstance(cfg, spec.config_cls):
+            return spec
+    raise TypeError(f"no model spec for config type {type(cfg).__name__}")
+
+
+def spec_for_hf_config(hf_config: dict) -> ModelSpec:
+    """The spec for an HF ``config.json`` by its ``model_type``; an unknown one goes to Qwen2-VL's reader,
+    whose one-line error names what it found."""
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+    return SPECS.get(model_type, QWEN2VL)

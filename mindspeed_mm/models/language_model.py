@@ -20,7 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.layer_spec import transformer_block_spec
 from mindspeed_mm.models.rotated_kv_cache import RotatedKVCacheSelfAttention
 

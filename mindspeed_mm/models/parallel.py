@@ -5,7 +5,8 @@ always holds the ViT, the projector and the word embedding and may hold no LLM
 layer; the last holds the final norm and the output layer.  The guide gives the
 split as ``pipeline_layer_index`` (the first LLM layer of every stage):
 ``[0, 0, 10, 20]`` over 28 layers means counts ``[0, 10, 10, 8]``
-(``checkpoint.parallel.stage_layer_counts`` turns flags into counts).
+(:func:`stage_layer_counts` turns flags into counts).  The converter, training
+and inference all read the split from here.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -29,6 +30,57 @@ def check_stage_layers(stage_layers: Sequence[int], num_layers: int, what: str =
         raise UserError(f"{what}: stage layers {counts}: the last pipeline stage must hold at least one "
                         f"LLM layer")
     return counts
+
+
+def parse_int_list(values, flag: str) -> Optional[List[int]]:
+    """Integers from either spelling: separate arguments (``0 0 10 20``), one comma list (``0,0,10,20``),
+    or a mix (``[0, 0,10 20]``); None stays None."""
+    if values is None:
+        return None
+    if isinstance(values, (str, int)):
+        values = [values]
+    parts = [p for v in values for p in str(v).replace(",", " ").strip().strip("[]").split() if p]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"{flag}: expected integers separated by spaces or commas, "
+                        f"got {' '.join(map(str, values))!r}") from None
+
+
+def stage_layer_counts(num_layers: int, pipeline_layer_index: Optional[Sequence[int]] = None,
+                       pipeline_num_layers: Optional[Sequence[int]] = None) -> List[int]:
+    """LLM layers per pipeline stage, checked by :func:`check_stage_layers`.
+
+    ``pipeline_layer_index`` is the guide's form: the first LLM layer of each
+    stage ([0, 0, 10, 20] with 28 layers -> [0, 10, 10, 8]);
+    ``pipeline_num_layers`` gives the counts directly.  Either may also be a
+    string, with spaces or commas.  Neither: one stage.
+    """
+    if pipeline_layer_index is not None and pipeline_num_layers is not None:
+        raise UserError("give either --pipeline-layer-index or --pipeline-num-layers, not both")
+    pipeline_layer_index = parse_int_list(pipeline_layer_index, "--pipeline-layer-index")
+    pipeline_num_layers = parse_int_list(pipeline_num_layers, "--pipeline-num-layers")
+    if pipeline_num_layers is not None:
+        flag = f"--pipeline-num-layers {','.join(map(str, pipeline_num_layers))}"
+        return check_stage_layers(pipeline_num_layers, num_layers, flag)
+    if pipeline_layer_index is None:
+        return [num_layers]
+    starts = pipeline_layer_index
+    flag = f"--pipeline-layer-index {','.join(map(str, starts))}"
+    if not starts or starts[0] != 0:
+        raise UserError(f"{flag}: the first stage must start at layer 0")
+    if any(b < a for a, b in zip(starts, starts[1:])) or starts[-1] > num_layers:
+        raise UserError(f"{flag}: start layers must be non-decreasing and at most num_layers = {num_layers}")
+    return check_stage_layers([b - a for a, b in zip(starts, starts[1:] + [num_layers])], num_layers, flag)
+
+
+def stage_offsets(stage_layers: Sequence[int]) -> List[int]:
+    """Global index of each stage's first LLM layer."""
+    out, total = [], 0
+    for n in stage_layers:
+        out.append(total)
+        total += n
+    return out
 
 
 def megatron_layout(stage_layers: Sequence[int]) -> List[List[str]]:

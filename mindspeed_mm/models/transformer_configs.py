@@ -9,7 +9,7 @@ from megatron.core.activations import quick_gelu
 from megatron.core.transformer import TransformerConfig
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.parallel import ParallelSettings, megatron_layout
 
 PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -165,7 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def stage_layer_counts(num_layers: int, pp: int, num_layers_spec: str = None, layer_index_spec: str = None):
     """LLM layers per pipeline stage: --pipeline-num-layers, --pipeline-layer-index, or an even split."""
-    from checkpoint.parallel import stage_layer_counts as counts_from_flags
+    from mindspeed_mm.models.parallel import stage_layer_counts as counts_from_flags
 
     if num_layers_spec is None and layer_index_spec is None:
         if num_layers % pp:

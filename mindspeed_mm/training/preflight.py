@@ -42,7 +42,7 @@ def check_run(args, world_size: int, node_rank: int = 0, probe_lock: bool = True
     """All checks; fills what ``validate`` derives on ``args`` (and the pipeline split from the
     checkpoint when the flags leave it out).  Returns (model_cfg, data_cfg)."""
     from mindspeed_mm.data.config import validate_data_json
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.training.arguments import validate
 
     model_cfg = Qwen2VLConfig.load(args.mm_model)
@@ -107,7 +107,7 @@ def check_checkpoint(args, model_cfg, checkpoint) -> None:
 
 
 def _check_same_model(args, model_cfg) -> None:
-    from mindspeed_mm.models.config import Qwen2VLConfig
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 
     path = os.path.join(args.load, "model.json")
     if not os.path.isfile(path) or os.path.abspath(path) == os.path.abspath(args.mm_model):

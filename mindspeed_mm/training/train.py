@@ -59,7 +59,7 @@ def build_model(args, model_cfg):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.enums import ModelType
 
-    from mindspeed_mm.models.qwen2vl import Qwen2VLModel
+    from mindspeed_mm.models.qwen2vl.model import Qwen2VLModel
 
     model_cfg = dataclasses.replace(model_cfg, dtype=args.precision)  # parameters in the training precision
     model = Qwen2VLModel(

@@ -8,8 +8,8 @@
 
 Every stage receives input_ids, position_ids and attention_mask; when
 position_ids is None it computes the M-RoPE positions itself (the same rule
-on every stage).  Parameter names are the shared contract's (see
-checkpoint/mapping.py).
+on every stage).  Parameter names are the mapping table's
+(models/qwen2vl/mapping.py).
 """
 from typing import Mapping, Optional
 
@@ -19,13 +19,15 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.language_model import Qwen2LanguageModel, check_image_tokens
 from mindspeed_mm.models.parallel import ParallelSettings
-from mindspeed_mm.models.projector import VisionProjector
+from mindspeed_mm.models.qwen2vl.mapping import MAPPING
+from mindspeed_mm.models.qwen2vl.projector import VisionProjector
 from mindspeed_mm.models.rope_index import get_rope_index
+from mindspeed_mm.models.sharding import shard_state
 from mindspeed_mm.models.transformer_configs import language_transformer_config, vision_transformer_config
-from mindspeed_mm.models.vision_encoder import VisionEncoder
+from mindspeed_mm.models.qwen2vl.vision_encoder import VisionEncoder
 
 
 def padding_to_megatron_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -135,14 +137,12 @@ class Qwen2VLModel(MegatronModule):
     # ---- weights -------------------------------------------------------------------------
     def load_full_state(self, full_state: Mapping[str, torch.Tensor], tp_rank: Optional[int] = None,
                         pp_rank: Optional[int] = None) -> None:
-        """Load a full TP=1 state in our names (e.g. ``checkpoint.mapping.hf_to_mm(hf_state, cfg)``).
+        """Load a full TP=1 state in our names (e.g. ``QWEN2VL.hf_to_mm(hf_state, cfg)``).
 
-        This rank's shard is cut by ``checkpoint.parallel.shard_state`` and loaded strictly.
+        This rank's shard is cut by the table-driven ``models.sharding.shard_state`` and loaded strictly.
         """
-        from checkpoint.parallel import shard_state
-
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
         pp_rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
-        shard = shard_state(full_state, self.cfg, self.parallel.tensor_parallel, tp_rank, self.stage_layers,
+        shard = shard_state(MAPPING, full_state, self.cfg, self.parallel.tensor_parallel, tp_rank, self.stage_layers,
                             pp_rank)
         self.load_state_dict(shard, strict=True)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
-from mindspeed_mm.models.config import VisionConfig
+from mindspeed_mm.models.qwen2vl.config import VisionConfig
 
 
 class VisionProjector(MegatronModule):

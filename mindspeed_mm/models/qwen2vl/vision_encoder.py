@@ -14,7 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from mindspeed_mm.models.config import VisionConfig
+from mindspeed_mm.models.qwen2vl.config import VisionConfig
 from mindspeed_mm.models.layer_spec import transformer_layer_spec
 
 ROPE_THETA = 10000.0

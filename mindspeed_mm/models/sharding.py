@@ -1,4 +1,4 @@
-"""Tensor- and pipeline-parallel split and merge of our full state.
+"""Tensor- and pipeline-parallel split and merge of our full state, driven by a family's mapping table.
 
 Pipeline: stage 0 holds the vision encoder, the projector and the embedding
 (and its LLM layers, possibly none); the last stage holds the final norm and
@@ -7,7 +7,8 @@ the output layer.  Each stage's state uses local decoder layer indices
 only when PP > 1: the last stage then holds a copy of the embedding.
 
 Tensor parallel: each parameter's split kind comes from the mapping table
-(checkpoint/mapping.py).  Vocab-parallel tensors are padded to
+(models/mapping.py; the family's rows in models/<family>/mapping.py).  Every
+function takes that table first; a family's spec binds it (models/spec.py).  Vocab-parallel tensors are padded to
 ``cfg.text.padded_vocab_size(tp)`` before splitting; merging strips that
 padding back to ``padded_vocab_size(1)``.
 """
@@ -17,70 +18,15 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from checkpoint.mapping import (COLUMN, EMBEDDING, GATED_COLUMN, OUTPUT_LAYER, REPLICATED, ROW, TEXT_LAYER,
-                                VOCAB, entries, pad_vocab, split_kind)
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.config import Qwen2VLConfig
-from mindspeed_mm.models.parallel import check_stage_layers
+from mindspeed_mm.models.mapping import (COLUMN, EMBEDDING, FINAL_NORM, GATED_COLUMN, OUTPUT_LAYER, REPLICATED, ROW,
+                                         TEXT_LAYER, VOCAB, MappingTable, pad_vocab)
+from mindspeed_mm.models.parallel import stage_offsets
 
 _TEXT_PREFIX = TEXT_LAYER.split("{i}")[0]  # "language_model.decoder.layers."
 
 
-# ---- pipeline stages ------------------------------------------------------------------------
-
-def parse_int_list(values, flag: str) -> Optional[List[int]]:
-    """Integers from either spelling: separate arguments (``0 0 10 20``), one comma list (``0,0,10,20``),
-    or a mix (``[0, 0,10 20]``); None stays None."""
-    if values is None:
-        return None
-    if isinstance(values, (str, int)):
-        values = [values]
-    parts = [p for v in values for p in str(v).replace(",", " ").strip().strip("[]").split() if p]
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        raise UserError(f"{flag}: expected integers separated by spaces or commas, "
-                        f"got {' '.join(map(str, values))!r}") from None
-
-
-def stage_layer_counts(num_layers: int, pipeline_layer_index: Optional[Sequence[int]] = None,
-                       pipeline_num_layers: Optional[Sequence[int]] = None) -> List[int]:
-    """LLM layers per pipeline stage, checked by the rule training uses
-    (``mindspeed_mm.models.parallel.check_stage_layers``).
-
-    ``pipeline_layer_index`` is the guide's form: the first LLM layer of each
-    stage ([0, 0, 10, 20] with 28 layers -> [0, 10, 10, 8]);
-    ``pipeline_num_layers`` gives the counts directly.  Either may also be a
-    string, with spaces or commas.  Neither: one stage.
-    """
-    if pipeline_layer_index is not None and pipeline_num_layers is not None:
-        raise UserError("give either --pipeline-layer-index or --pipeline-num-layers, not both")
-    pipeline_layer_index = parse_int_list(pipeline_layer_index, "--pipeline-layer-index")
-    pipeline_num_layers = parse_int_list(pipeline_num_layers, "--pipeline-num-layers")
-    if pipeline_num_layers is not None:
-        flag = f"--pipeline-num-layers {','.join(map(str, pipeline_num_layers))}"
-        return check_stage_layers(pipeline_num_layers, num_layers, flag)
-    if pipeline_layer_index is None:
-        return [num_layers]
-    starts = pipeline_layer_index
-    flag = f"--pipeline-layer-index {','.join(map(str, starts))}"
-    if not starts or starts[0] != 0:
-        raise UserError(f"{flag}: the first stage must start at layer 0")
-    if any(b < a for a, b in zip(starts, starts[1:])) or starts[-1] > num_layers:
-        raise UserError(f"{flag}: start layers must be non-decreasing and at most num_layers = {num_layers}")
-    return check_stage_layers([b - a for a, b in zip(starts, starts[1:] + [num_layers])], num_layers, flag)
-
-
-def stage_offsets(stage_layers: Sequence[int]) -> List[int]:
-    """Global index of each stage's first LLM layer."""
-    out, total = [], 0
-    for n in stage_layers:
-        out.append(total)
-        total += n
-    return out
-
-
-def stage_names(cfg: Qwen2VLConfig, stage_layers: Sequence[int], pp_rank: int) -> List[Tuple[str, str]]:
+def stage_names(table: MappingTable, cfg, stage_layers: Sequence[int], pp_rank: int) -> List[Tuple[str, str]]:
     """(local name, global source name) of every parameter stage ``pp_rank`` holds."""
     if sum(stage_layers) != cfg.text.num_layers:
         raise UserError(f"pipeline stages hold {sum(stage_layers)} LLM layers, the model has {cfg.text.num_layers}")
@@ -88,13 +34,13 @@ def stage_names(cfg: Qwen2VLConfig, stage_layers: Sequence[int], pp_rank: int) -
     lo = stage_offsets(stage_layers)[pp_rank]
     hi = lo + stage_layers[pp_rank]
     out = []
-    for e in entries(cfg):
+    for e in table.entries(cfg):
         name = e.ours
         if name.startswith(_TEXT_PREFIX):
             layer = _layer_of(name)
             if lo <= layer < hi:
                 out.append((_with_layer(name, layer - lo), name))
-        elif name.startswith("language_model.decoder.final_layernorm") or name == OUTPUT_LAYER:
+        elif name.startswith(FINAL_NORM) or name == OUTPUT_LAYER:
             if last:
                 out.append((name, name))
         elif first:  # vision encoder, projector, embedding
@@ -115,9 +61,9 @@ def _with_layer(name: str, layer: int) -> str:
 
 # ---- tensor parallel ------------------------------------------------------------------------
 
-def shard_tensor(name: str, t: torch.Tensor, cfg: Qwen2VLConfig, tp_size: int, tp_rank: int) -> torch.Tensor:
+def shard_tensor(table: MappingTable, name: str, t: torch.Tensor, cfg, tp_size: int, tp_rank: int) -> torch.Tensor:
     """Rank ``tp_rank``'s piece of full tensor ``t`` (a view when possible; clone to free ``t``)."""
-    kind = split_kind(name)
+    kind = table.split_kind(name)
     if kind == REPLICATED or tp_size == 1 and kind != VOCAB:
         return t
     if kind == COLUMN:
@@ -132,9 +78,9 @@ def shard_tensor(name: str, t: torch.Tensor, cfg: Qwen2VLConfig, tp_size: int, t
     raise AssertionError(kind)
 
 
-def merge_tensor(name: str, pieces: Sequence[torch.Tensor], cfg: Qwen2VLConfig) -> torch.Tensor:
+def merge_tensor(table: MappingTable, name: str, pieces: Sequence[torch.Tensor], cfg) -> torch.Tensor:
     """Full tensor from the TP pieces in rank order (inverse of :func:`shard_tensor`)."""
-    kind = split_kind(name)
+    kind = table.split_kind(name)
     if kind == REPLICATED or len(pieces) == 1 and kind != VOCAB:
         return pieces[0]
     if kind == COLUMN:
@@ -157,7 +103,7 @@ def _chunk(t: torch.Tensor, n: int, dim: int, name: str):
 
 # ---- whole states ---------------------------------------------------------------------------
 
-def shard_state(full_state: Mapping[str, torch.Tensor], cfg: Qwen2VLConfig, tp_size: int, tp_rank: int,
+def shard_state(table: MappingTable, full_state: Mapping[str, torch.Tensor], cfg, tp_size: int, tp_rank: int,
                 stage_layers: Sequence[int], pp_rank: int) -> Dict[str, torch.Tensor]:
     """One (tp_rank, pp_rank) state with local names from the full TP=1 state (may be lazy).
 
@@ -165,16 +111,16 @@ def shard_state(full_state: Mapping[str, torch.Tensor], cfg: Qwen2VLConfig, tp_s
     """
     cfg.check_parallel(tp_size)
     out = {}
-    for local, source in stage_names(cfg, stage_layers, pp_rank):
-        piece = shard_tensor(local, full_state[source], cfg, tp_size, tp_rank)
+    for local, source in stage_names(table, cfg, stage_layers, pp_rank):
+        piece = shard_tensor(table, local, full_state[source], cfg, tp_size, tp_rank)
         out[local] = piece.clone() if tp_size > 1 else piece
     return out
 
 
-def merge_shards(shards: Mapping[Tuple[int, int], Mapping[str, torch.Tensor]], cfg: Qwen2VLConfig,
+def merge_shards(table: MappingTable, shards: Mapping[Tuple[int, int], Mapping[str, torch.Tensor]], cfg,
                  stage_layers: Sequence[int]) -> Dict[str, torch.Tensor]:
     """The full TP=1 state from every (tp_rank, pp_rank) state (inverse of :func:`shard_state`)."""
-    return dict(MergedView(shards, cfg, stage_layers))
+    return dict(MergedView(table, shards, cfg, stage_layers))
 
 
 class MergedView(Mapping):
@@ -185,10 +131,10 @@ class MergedView(Mapping):
     of the embedding is not read.
     """
 
-    def __init__(self, shards: Mapping[Tuple[int, int], Mapping[str, torch.Tensor]], cfg: Qwen2VLConfig,
+    def __init__(self, table: MappingTable, shards: Mapping[Tuple[int, int], Mapping[str, torch.Tensor]], cfg,
                  stage_layers: Sequence[int], config_source: str = "the model config",
                  rank_name: Optional[Callable[[int, int], str]] = None):
-        self.shards, self.cfg = shards, cfg
+        self.table, self.shards, self.cfg = table, shards, cfg
         tps = sorted({tp for tp, _ in shards})
         pps = sorted({pp for _, pp in shards})
         if tps != list(range(len(tps))) or pps != list(range(len(stage_layers))) or \
@@ -198,10 +144,10 @@ class MergedView(Mapping):
         self.tp_size = len(tps)
         self.where: Dict[str, Tuple[int, str]] = {}  # global name -> (pp_rank, local name)
         for pp in pps:
-            names = stage_names(cfg, stage_layers, pp)
+            names = stage_names(table, cfg, stage_layers, pp)
             for tp in tps:
                 _check_rank_keys(shards[(tp, pp)].keys(), {local for local, _ in names}, tp, pp)
-                _check_rank_shapes(shards[(tp, pp)], names, cfg, len(tps), tp, pp, config_source,
+                _check_rank_shapes(table, shards[(tp, pp)], names, cfg, len(tps), tp, pp, config_source,
                                    rank_name(tp, pp) if rank_name else f"checkpoint rank tp={tp} pp={pp}")
             for local, source in names:
                 if source == EMBEDDING and local == OUTPUT_LAYER:
@@ -210,7 +156,7 @@ class MergedView(Mapping):
 
     def __getitem__(self, name):
         pp, local = self.where[name]
-        return merge_tensor(local, [self.shards[(tp, pp)][local] for tp in range(self.tp_size)], self.cfg)
+        return merge_tensor(self.table, local, [self.shards[(tp, pp)][local] for tp in range(self.tp_size)], self.cfg)
 
     def __iter__(self):
         return iter(self.where)
@@ -219,11 +165,11 @@ class MergedView(Mapping):
         return len(self.where)
 
 
-def _check_rank_shapes(state, names, cfg, tp_size, tp, pp, config_source, where):
+def _check_rank_shapes(table, state, names, cfg, tp_size, tp, pp, config_source, where):
     """Every tensor of one rank has the shape ``cfg`` at ``tp_size`` gives its piece (names from stage_names)."""
-    full = {e.ours: e.param.shape(cfg) for e in entries(cfg)}
+    full = table.ours_shapes(cfg)
     for local, source in names:
-        want = tuple(shard_tensor(local, torch.empty(full[source], device="meta"), cfg, tp_size, tp).shape)
+        want = tuple(shard_tensor(table, local, torch.empty(full[source], device="meta"), cfg, tp_size, tp).shape)
         got = tuple(state[local].shape)
         if got != want:
             raise UserError(f"{where}: {local} has shape {list(got)} but {config_source} at TP {tp_size} asks "
