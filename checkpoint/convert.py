@@ -37,12 +37,10 @@ from checkpoint.megatron_io import (
 )
 from checkpoint.layout import LAYOUT_FILE, format_layout, iteration_dir, read_layout, write_layout
 from checkpoint.staging import check_save_dir, staged_dir, writing
+from mindspeed_mm.constants import HF_DTYPE_NAMES, dtype_name, torch_dtype
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models import get_spec
 from mindspeed_mm.models.parallel import stage_layer_counts
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9
 
 
@@ -81,8 +79,8 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
     stage_layers = stage_layer_counts(cfg.text.num_layers, pipeline_layer_index, pipeline_num_layers)
     spec.mapping.check_hf_keys(hf.keys(), cfg, source=load_dir, shapes=hf.shapes)
     check_save_dir(save_dir, overwrite, [load_dir])
-    cfg.dtype = params_dtype or _dtype_name(hf.dtypes.get("model.embed_tokens.weight"), cfg.dtype)
-    cast = TORCH_DTYPES[params_dtype] if params_dtype else None
+    cfg.dtype = params_dtype or dtype_name(hf.dtypes.get("model.embed_tokens.weight"), cfg.dtype)
+    cast = torch_dtype(params_dtype) if params_dtype else None
 
     pp = len(stage_layers)
     names = [spec.stage_names(cfg, stage_layers, p) for p in range(pp)]
@@ -159,7 +157,7 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
     full = spec.merged_view(states, cfg, stage_layers, config_source=config_source,
                             rank_name=lambda t, p: layout.rank_file(t, p))
     hf_state = spec.hf_view(full, cfg)
-    cast = TORCH_DTYPES[params_dtype] if params_dtype else None
+    cast = torch_dtype(params_dtype) if params_dtype else None
     summary = Summary(save_dir)
 
     def get(name):
@@ -234,7 +232,3 @@ def _progress(total: int, enabled: bool):
 
     with tqdm(total=total, unit="tensor", dynamic_ncols=True) as bar:
         yield lambda: bar.update(1)
-
-
-def _dtype_name(dtype, default: str) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, default)

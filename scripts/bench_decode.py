@@ -118,7 +118,7 @@ def main(argv=None):
 
     from mindspeed_mm.inference.arguments import GenerationSettings
     from mindspeed_mm.inference.generate import Generator
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)

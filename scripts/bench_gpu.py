@@ -101,9 +101,10 @@ def main(argv=None) -> int:
 
     platform = setup_platform("cuda" if torch.cuda.is_available() else "cpu")
     from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from mindspeed_mm.training.flops import BatchShape, train_flops
-    from mindspeed_mm.training.train import PRECISION_DTYPES, train_step
+    from mindspeed_mm.constants import torch_dtype
+    from mindspeed_mm.training.train import train_step
     from scripts.bench_train import build_ours, new_state, training_flags
 
     os.environ.setdefault("MASTER_PORT", "29521")
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     train_args, model, optimizer, scheduler = build_ours(
         training_flags(args.model_json, 1, 1e-5, args.precision, extra), cfg)
     device = platform.device(0)
-    batch = make_sample(cfg, args.seq_length, args.image_size, device, PRECISION_DTYPES[args.precision])
+    batch = make_sample(cfg, args.seq_length, args.image_size, device, torch_dtype(args.precision))
     flops = train_flops(cfg, BatchShape.of(batch), cfg.text.padded_vocab_size(1))
     state = new_state()
     times, losses = [], []

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
     from mindspeed_mm.models.qwen2vl import QWEN2VL
     from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from mindspeed_mm.training.checkpointing import unwrap
     from mindspeed_mm.training.train import train_step
 

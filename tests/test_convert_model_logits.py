@@ -21,7 +21,7 @@ def _logits_from_converted(rank, world, mm_dir, tied):
     from checkpoint.megatron_io import find_layout, load_rank
     from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.models.qwen2vl.model import Qwen2VLModel
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from tests.hf_reference import VOCAB, hf_config, hf_forward, hf_model, make_batch
 
     layout = find_layout(mm_dir)

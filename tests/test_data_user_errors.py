@@ -13,7 +13,8 @@ from mindspeed_mm.data.config import DataConfigError, data_config_from_dict, val
 from mindspeed_mm.data.formats import Conversation
 from mindspeed_mm.data.images import check_images, load_pixels
 from mindspeed_mm.data.llava import main as llava_main
-from mindspeed_mm.data.template import IGNORE_INDEX, Qwen2VLTemplate
+from mindspeed_mm.constants import IGNORE_INDEX
+from mindspeed_mm.data.template import Qwen2VLTemplate
 from mindspeed_mm.data.workers import effective_workers, usable_cores
 from mindspeed_mm.errors import UserError
 from tests.data_fixtures import data_config, make_processor_dir, save_image, write_json

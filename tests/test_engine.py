@@ -22,7 +22,7 @@ def _train_gpt(rank, world, tp=1, pp=1, distributed_optimizer=False, recompute=F
     from megatron.core.transformer import TransformerConfig
 
     from mindspeed_mm.models.layer_spec import transformer_layer_spec
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
 
     init_distributed(platform, tp, pp, seed=7)
     config = TransformerConfig(

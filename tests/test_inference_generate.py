@@ -123,7 +123,7 @@ def _run_mains(rank, world, argvs):
 
     platform = setup_platform("cpu")
     from mindspeed_mm.inference.main import main
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
 
     init_distributed(platform, world, 1, seed=1)
     try:

@@ -21,7 +21,7 @@ def _parallel_forward(rank, world, tp, stage_layers, padding_side, tied=False, s
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from tests.hf_reference import (VOCAB, build_our_model, hf_config, hf_forward, hf_model, make_batch,
                                     shift_labels)
 

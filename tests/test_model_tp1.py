@@ -165,7 +165,7 @@ def _tp1_checks(rank, world):
     from mindspeed_mm.platform import setup_platform
 
     platform = setup_platform("cpu")
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from tests.hf_reference import VOCAB, build_our_model, hf_config, hf_forward, hf_model, make_batch
 
     init_distributed(platform, 1, 1, seed=1)

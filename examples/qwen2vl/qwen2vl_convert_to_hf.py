@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, TORCH_DTYPES, convert_mm_to_hf  # noqa: E402
+from checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, convert_mm_to_hf  # noqa: E402
+from mindspeed_mm.constants import DTYPES  # noqa: E402
 from mindspeed_mm.errors import cli_main  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def parse_args(argv=None):
     ap.add_argument("--hf-dir", required=True, help="the original HF folder: config, tokenizer, processor")
     ap.add_argument("--iteration", type=int, default=None,
                     help="export iter_N instead of the one latest_checkpointed_iteration.txt names")
-    ap.add_argument("--params-dtype", choices=sorted(TORCH_DTYPES), default=None,
+    ap.add_argument("--params-dtype", choices=DTYPES, default=None,
                     help="default: keep the checkpoint's dtype")
     ap.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")

@@ -16,8 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from checkpoint.convert import TORCH_DTYPES, convert_hf_to_mm  # noqa: E402
+from checkpoint.convert import convert_hf_to_mm  # noqa: E402
 from mindspeed_mm.models.parallel import parse_int_list  # noqa: E402
+from mindspeed_mm.constants import DTYPES  # noqa: E402
 from mindspeed_mm.errors import cli_main  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     stages.add_argument("--pipeline-num-layers", nargs="+", default=None,
                         help="LLM layers per pipeline stage, as 0 10 10 8 or 0,10,10,8")
     ap.add_argument("--num-layers", type=int, default=None, help="checked against the HF config")
-    ap.add_argument("--params-dtype", choices=sorted(TORCH_DTYPES), default=None,
+    ap.add_argument("--params-dtype", choices=DTYPES, default=None,
                     help="default: keep the checkpoint's own dtype")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     ap.add_argument("--no-progress", action="store_true")

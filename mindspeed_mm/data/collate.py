@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mindspeed_mm.data.template import IGNORE_INDEX
+from mindspeed_mm.constants import IGNORE_INDEX
 
 
 class Qwen2VLCollator:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from mindspeed_mm.constants import IMAGE_PLACEHOLDER
 from mindspeed_mm.data.config import Attr
 from mindspeed_mm.jsonio import has_bad_text
 
-IMAGE_PLACEHOLDER = "<image>"
 # Literal vision tokens in user text would be read as extra images by the tokenizer.
 RESERVED_TEXT = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 

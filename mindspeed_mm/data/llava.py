@@ -13,10 +13,10 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from mindspeed_mm.constants import IMAGE_PLACEHOLDER
 from mindspeed_mm.jsonio import DataFileError, load_json, write_json_atomic
 
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
-IMAGE_PLACEHOLDER = "<image>"
 MAX_REPORTS_PER_REASON = 20
 
 

@@ -11,7 +11,8 @@ import numpy as np
 from mindspeed_mm.data.config import Attr
 from mindspeed_mm.data.formats import DROP_REASONS, DropSample, parse_record
 from mindspeed_mm.data.images import check_images
-from mindspeed_mm.data.template import IGNORE_INDEX, Encoded, Qwen2VLTemplate
+from mindspeed_mm.constants import IGNORE_INDEX
+from mindspeed_mm.data.template import Encoded, Qwen2VLTemplate
 
 
 @dataclass(frozen=True)

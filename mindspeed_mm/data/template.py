@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mindspeed_mm.data.formats import IMAGE_PLACEHOLDER, Conversation
+from mindspeed_mm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from mindspeed_mm.data.formats import Conversation
 
-IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are a helpful assistant."
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 

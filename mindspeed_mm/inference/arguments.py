@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+from mindspeed_mm.constants import DTYPES
 from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.errors import UserError
 
-DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass

@@ -46,7 +46,7 @@ def distributed(device, tensor_parallel: int, seed: int):
     platform = setup_platform(device)
     import torch
 
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
+    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world != tensor_parallel:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from mindspeed_mm.data.config import Attr
-from mindspeed_mm.data.formats import IMAGE_PLACEHOLDER, RESERVED_TEXT, Conversation, DropSample, parse_record
+from mindspeed_mm.constants import IMAGE_PLACEHOLDER
+from mindspeed_mm.data.formats import RESERVED_TEXT, Conversation, DropSample, parse_record
 from mindspeed_mm.data.images import check_images, load_pixels
 from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.data.template import Qwen2VLTemplate

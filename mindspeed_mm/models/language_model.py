@@ -19,12 +19,12 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 
+from mindspeed_mm.constants import IGNORE_INDEX
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.layer_spec import transformer_block_spec
 from mindspeed_mm.models.rotated_kv_cache import RotatedKVCacheSelfAttention
 
-IGNORE_INDEX = -100
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:

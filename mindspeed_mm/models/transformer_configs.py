@@ -8,18 +8,18 @@ import torch.nn.functional as F
 from megatron.core.activations import quick_gelu
 from megatron.core.transformer import TransformerConfig
 
+from mindspeed_mm.constants import torch_dtype
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.parallel import ParallelSettings, megatron_layout
 
-PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
 
 
 def _common(cfg: Qwen2VLConfig, parallel: ParallelSettings) -> dict:
     from mindspeed_mm.platform import current_platform
 
-    dtype = PARAMS_DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     recompute = dict(recompute_granularity=parallel.recompute_granularity)
     if parallel.recompute_granularity == "full":
         recompute.update(recompute_method=parallel.recompute_method,

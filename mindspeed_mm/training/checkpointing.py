@@ -12,37 +12,16 @@ file (itself through a temporary name).  A crash or ``kill -9`` at any moment
 leaves the tracker pointing at the previous complete checkpoint.
 """
 import os
-import random
 import shutil
 import time
 
-import numpy as np
 import torch
 
 from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, TRACKER, iteration_dir, rank_dir,  # noqa: F401
                                read_tracker, replace_dir, write_tracker)
 from checkpoint.staging import disk_full_error
 from mindspeed_mm.errors import UserError
-
-# ---- rng --------------------------------------------------------------------
-def rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-
-
-def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["random"])
-    np.random.set_state(state["np"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
+from mindspeed_mm.platform.rng import rng_state, set_rng_state
 
 # ---- save -------------------------------------------------------------------
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, train_state: dict,

@@ -10,7 +10,8 @@ layout.
 """
 import torch
 
-IGNORE_INDEX = -100
+from mindspeed_mm.constants import IGNORE_INDEX
+
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ from functools import partial
 
 import torch
 
+from mindspeed_mm.constants import torch_dtype
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.training.arguments import MAX_CONSECUTIVE_NAN, parse_args
 from mindspeed_mm.training.flops import BatchShape, train_flops
 
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class LossDiverged(UserError):
@@ -40,16 +40,6 @@ def load_configs(args, probe_lock=False):
 
     return check_run(args, int(os.environ.get("WORLD_SIZE", "1")), node_rank=int(os.environ.get("NODE_RANK", "0")),
                      probe_lock=probe_lock)
-
-
-def choose_backend(platform, requested):
-    """--distributed-backend, mapped to what the device speaks (the guide passes nccl on NPUs)."""
-    if requested is None or requested == platform.backend:
-        return None
-    if platform.device_type == "npu" and requested == "nccl":
-        return "hccl"
-    raise UserError(f"--distributed-backend {requested} does not work on the {platform.device_type} "
-                    f"device (use {platform.backend}, or leave the flag out)")
 
 
 # ---- 2. model, DDP, optimizer, scheduler -------------------------------------
@@ -94,7 +84,7 @@ def build_optimizer(args, model):
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.precision == "bf16", fp16=args.precision == "fp16",
-        params_dtype=PRECISION_DTYPES[args.precision], loss_scale=args.loss_scale,
+        params_dtype=torch_dtype(args.precision), loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=args.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, [model])
     model.config.grad_scale_func = optimizer.scale_loss  # fp16 loss scaling inside the schedule
@@ -261,10 +251,11 @@ def main(argv=None):
     platform = setup_platform(args.device)
     model_cfg, data_cfg = load_configs(args)
     lock = SaveDirLock(args.save) if args.save and int(os.environ.get("RANK", "0")) == 0 else None
+    from mindspeed_mm.platform.distributed import choose_backend, destroy_distributed, init_distributed
+
     backend = choose_backend(platform, args.distributed_backend)
     if backend:
         platform = dataclasses.replace(platform, backend=backend)
-    from mindspeed_mm.training.distributed import destroy_distributed, init_distributed
 
     init_distributed(platform, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                      seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)

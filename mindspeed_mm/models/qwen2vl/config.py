@@ -11,10 +11,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import List
 
+from mindspeed_mm.constants import DTYPES, dtype_name
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import load_json, write_json_atomic
 
-DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -194,5 +194,5 @@ def _build(cls, data, source, **extra):
 
 
 def _hf_dtype(name) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(name), "bf16")
+    return dtype_name(name, "bf16")
 

@@ -1,8 +1,14 @@
-"""Process groups: torch.distributed + megatron-core parallel state, set up in one place."""
+"""Process groups: torch.distributed + megatron-core parallel state, set up in one place.
+
+Import after :func:`mindspeed_mm.platform.setup_platform` (megatron-core is imported here).
+"""
 import os
 from datetime import timedelta
 
 import torch
+from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+from mindspeed_mm.errors import UserError
 
 
 def init_distributed(platform, tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
@@ -12,8 +18,6 @@ def init_distributed(platform, tensor_parallel: int = 1, pipeline_parallel: int 
     Works single-process too (WORLD_SIZE unset): a one-rank group keeps the
     code path identical to a real launch.
     """
-    from megatron.core import parallel_state, tensor_parallel as mcore_tp
-
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -35,8 +39,16 @@ def init_distributed(platform, tensor_parallel: int = 1, pipeline_parallel: int 
 
 
 def destroy_distributed():
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def choose_backend(platform, requested):
+    """--distributed-backend, mapped to what the device speaks (the guide passes nccl on NPUs)."""
+    if requested is None or requested == platform.backend:
+        return None
+    if platform.device_type == "npu" and requested == "nccl":
+        return "hccl"
+    raise UserError(f"--distributed-backend {requested} does not work on the {platform.device_type} "
+                    f"device (use {platform.backend}, or leave the flag out)")
