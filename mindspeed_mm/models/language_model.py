@@ -21,7 +21,6 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from mindspeed_mm.constants import IGNORE_INDEX
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.layer_spec import transformer_block_spec
 from mindspeed_mm.models.rotated_kv_cache import RotatedKVCacheSelfAttention
 
@@ -59,7 +58,8 @@ def check_image_tokens(input_ids: torch.Tensor, image_grid_thw: Optional[torch.T
 class Qwen2LanguageModel(GPTModel):
     """GPTModel + image-feature injection + padded-vocabulary masking."""
 
-    def __init__(self, cfg: Qwen2VLConfig, config, pre_process: bool, post_process: bool):
+    def __init__(self, cfg, config, pre_process: bool, post_process: bool):
+        # cfg: the family config (its .text sizes are the Qwen2 decoder's); config: megatron's TransformerConfig
         t = cfg.text
         block = transformer_block_spec(config, AttnMaskType.causal)
         for layer in block.layer_specs:  # a fresh spec: changing it touches no other model

@@ -1,22 +1,22 @@
-"""megatron-core TransformerConfigs for the ViT and the LLM, from Qwen2VLConfig + ParallelSettings.
+"""megatron-core TransformerConfig of the Qwen2 LLM, and the settings every config here shares.
+
+A family's ViT builds its own config from :func:`common_settings` (models/qwen2vl/vision_encoder.py).
 
 Fusions that need TransformerEngine / apex / CUDA JIT are off: the platform's
 attention and norm modules (in the layer spec) pick the device kernels.
 """
 import torch
 import torch.nn.functional as F
-from megatron.core.activations import quick_gelu
 from megatron.core.transformer import TransformerConfig
 
 from mindspeed_mm.constants import torch_dtype
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.parallel import ParallelSettings, megatron_layout
 
-VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
 
 
-def _common(cfg: Qwen2VLConfig, parallel: ParallelSettings) -> dict:
+def common_settings(cfg, parallel: ParallelSettings) -> dict:
+    """dtype, TP size, recompute and the fusions left off, for any TransformerConfig of the model."""
     from mindspeed_mm.platform import current_platform
 
     dtype = torch_dtype(cfg.dtype)
@@ -37,7 +37,7 @@ def _common(cfg: Qwen2VLConfig, parallel: ParallelSettings) -> dict:
     )
 
 
-def language_transformer_config(cfg: Qwen2VLConfig, parallel: ParallelSettings) -> TransformerConfig:
+def language_transformer_config(cfg, parallel: ParallelSettings) -> TransformerConfig:
     """Qwen2 decoder: RMSNorm, SwiGLU, GQA with qkv bias, M-RoPE; stage layout from parallel.stage_layers."""
     t = cfg.text
     stage_layers = parallel.resolved_stage_layers(t.num_layers)
@@ -53,28 +53,6 @@ def language_transformer_config(cfg: Qwen2VLConfig, parallel: ParallelSettings) 
             gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
             mrope_section=list(t.mrope_section), rotary_interleaved=False,
             sequence_parallel=parallel.sequence_parallel,
-            **pipeline, **_common(cfg, parallel))
+            **pipeline, **common_settings(cfg, parallel))
     except (AssertionError, ValueError) as exc:
         raise UserError(f"language model parallel settings: {exc}") from None
-
-
-def vision_transformer_config(cfg: Qwen2VLConfig, parallel: ParallelSettings) -> TransformerConfig:
-    """Qwen2-VL ViT: LayerNorm, quick_gelu MLP, biases everywhere, all heads its own group.
-
-    The ViT lives whole on the first pipeline stage (pipeline size 1 here) and
-    runs without sequence parallelism (its sequence is the patches of a batch).
-    """
-    v = cfg.vision
-    if v.activation_func not in VISION_ACTIVATIONS:
-        raise UserError(f"model config: vision.activation_func {v.activation_func!r} not supported "
-                        f"(one of {', '.join(VISION_ACTIVATIONS)})")
-    try:
-        return TransformerConfig(
-            num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
-            num_attention_heads=v.num_attention_heads, num_query_groups=v.num_attention_heads,
-            kv_channels=v.hidden_size // v.num_attention_heads, normalization="LayerNorm",
-            layernorm_epsilon=v.layernorm_epsilon, gated_linear_unit=False,
-            activation_func=VISION_ACTIVATIONS[v.activation_func], add_bias_linear=True, add_qkv_bias=True,
-            sequence_parallel=False, pipeline_model_parallel_size=1, **_common(cfg, parallel))
-    except (AssertionError, ValueError) as exc:
-        raise UserError(f"vision encoder parallel settings: {exc}") from None

@@ -9,7 +9,7 @@
 The Qwen2 language model, the layer specs and M-RoPE are shared with any family
 built on the same decoder (models/language_model.py, layer_spec.py, rope_index.py).
 """
-from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig  # noqa: F401
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.qwen2vl.mapping import MAPPING
 from mindspeed_mm.models.spec import ModelSpec
 

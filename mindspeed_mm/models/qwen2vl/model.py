@@ -26,8 +26,8 @@ from mindspeed_mm.models.qwen2vl.mapping import MAPPING
 from mindspeed_mm.models.qwen2vl.projector import VisionProjector
 from mindspeed_mm.models.rope_index import get_rope_index
 from mindspeed_mm.models.sharding import shard_state
-from mindspeed_mm.models.transformer_configs import language_transformer_config, vision_transformer_config
-from mindspeed_mm.models.qwen2vl.vision_encoder import VisionEncoder
+from mindspeed_mm.models.qwen2vl.vision_encoder import VisionEncoder, vision_transformer_config
+from mindspeed_mm.models.transformer_configs import language_transformer_config
 
 
 def padding_to_megatron_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

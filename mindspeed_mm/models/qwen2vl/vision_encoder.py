@@ -9,15 +9,44 @@ must not go through megatron's 'thd' rope path, which restarts positions at
 every segment.
 """
 import torch
+import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from mindspeed_mm.models.qwen2vl.config import VisionConfig
+from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.layer_spec import transformer_layer_spec
+from mindspeed_mm.models.parallel import ParallelSettings
+from mindspeed_mm.models.qwen2vl.config import VisionConfig
+from mindspeed_mm.models.transformer_configs import common_settings
 
 ROPE_THETA = 10000.0
+VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
+
+
+def vision_transformer_config(cfg, parallel: ParallelSettings) -> TransformerConfig:
+    """Qwen2-VL ViT: LayerNorm, quick_gelu MLP, biases everywhere, all heads its own group.
+
+    The ViT lives whole on the first pipeline stage (pipeline size 1 here) and
+    runs without sequence parallelism (its sequence is the patches of a batch).
+    """
+    v = cfg.vision
+    if v.activation_func not in VISION_ACTIVATIONS:
+        raise UserError(f"model config: vision.activation_func {v.activation_func!r} not supported "
+                        f"(one of {', '.join(VISION_ACTIVATIONS)})")
+    try:
+        return TransformerConfig(
+            num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+            num_attention_heads=v.num_attention_heads, num_query_groups=v.num_attention_heads,
+            kv_channels=v.hidden_size // v.num_attention_heads, normalization="LayerNorm",
+            layernorm_epsilon=v.layernorm_epsilon, gated_linear_unit=False,
+            activation_func=VISION_ACTIVATIONS[v.activation_func], add_bias_linear=True, add_qkv_bias=True,
+            sequence_parallel=False, pipeline_model_parallel_size=1, **common_settings(cfg, parallel))
+    except (AssertionError, ValueError) as exc:
+        raise UserError(f"vision encoder parallel settings: {exc}") from None
 
 
 def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
