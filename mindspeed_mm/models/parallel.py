@@ -91,9 +91,9 @@ def megatron_layout(stage_layers: Sequence[int]) -> List[List[str]]:
             for i, n in enumerate(stage_layers)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelSettings:
-    """Everything about the split and recompute the model needs to build one stage."""
+    """Everything about the split and recompute the model needs to build one stage; checked on construction."""
     tensor_parallel: int = 1
     # LLM layers per pipeline stage; None = all layers in one stage (PP=1).
     stage_layers: Optional[List[int]] = None
@@ -102,6 +102,9 @@ class ParallelSettings:
     recompute_method: Optional[str] = None  # 'uniform' | 'block' (full only)
     recompute_num_layers: Optional[int] = None
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective only
+
+    def __post_init__(self):
+        self.validate()
 
     @property
     def pipeline_parallel(self) -> int:

@@ -51,7 +51,6 @@ class Qwen2VLModel(MegatronModule):
     def __init__(self, cfg: Qwen2VLConfig, parallel: Optional[ParallelSettings] = None,
                  pre_process: bool = True, post_process: bool = True, **parallel_kwargs):
         parallel = parallel if parallel is not None else ParallelSettings(**parallel_kwargs)
-        parallel.validate()
         cfg.validate()
         cfg.check_parallel(parallel.tensor_parallel)
         config = language_transformer_config(cfg, parallel)
