@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from checkpoint.staging import writing
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.jsonio import apply_umask_mode, load_json
+from mindspeed_mm.jsonio import atomic_path, load_json, write_json_atomic
 from mindspeed_mm.models import spec_for_hf_config
 from mindspeed_mm.models.mapping import hub_key
 from mindspeed_mm.models.spec import ModelSpec
@@ -129,10 +129,9 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
     def flush():
         nonlocal shard, shard_bytes
         if shard:
-            file = f"shard-{len(files) + 1:05d}.tmp"
-            with writing(os.path.join(out_dir, file)):
-                save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
-            apply_umask_mode(os.path.join(out_dir, file))  # safetensors creates its files 0600
+            file = f"shard-{len(files) + 1:05d}.tmp"  # named once the shard count is known
+            with writing(os.path.join(out_dir, file)), atomic_path(os.path.join(out_dir, file)) as tmp:
+                save_file(shard, tmp, metadata={"format": "pt"})
             files.append((file, list(shard)))
         shard, shard_bytes = {}, 0
 
@@ -153,9 +152,9 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
         os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
         weight_map.update({k: name for k in keys})
         final.append(name)
-    with writing(os.path.join(out_dir, INDEX)), open(os.path.join(out_dir, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        f.write("\n")
+    with writing(os.path.join(out_dir, INDEX)):
+        write_json_atomic(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map},
+                          indent=2)
     return final + [INDEX]
 
 

@@ -13,9 +13,9 @@ Shared by the converter (``checkpoint/``) and training checkpoints
 import json
 import os
 import re
-import shutil
 
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import replace_dir, write_text_atomic  # noqa: F401  (replace_dir: part of the layout API)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -48,29 +48,13 @@ def read_tracker(root: str):
         raise UserError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Replace a small text file so that readers see the old or the new content, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# Small files (tracker, layout.json, the train state) are replaced atomically by the project's one writer;
+# folders (an iteration, a converted checkpoint) are swapped in by replace_dir.
+write_atomically = write_text_atomic
 
 
 def write_tracker(root: str, iteration) -> None:
     write_atomically(os.path.join(root, TRACKER), f"{iteration}\n")
-
-
-def replace_dir(tmp: str, final: str) -> None:
-    """Move a finished temporary folder to ``final``, replacing an older one."""
-    if os.path.isdir(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def write_layout(iter_dir: str, tp: int, stage_layers) -> None:

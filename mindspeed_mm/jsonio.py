@@ -1,10 +1,13 @@
-"""JSON files in and out (data, model and inference configs): one-line errors with file, line and column; atomic writes."""
+"""Files in and out: JSON read with one-line errors (file, line, column), the one atomic file writer
+(:func:`atomic_path`, with :func:`atomic_open`, :func:`write_text_atomic` and :func:`write_json_atomic`
+over it) and the folder swap (:func:`replace_dir`).  Typed configs are read by mindspeed_mm/typed_json.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 
@@ -18,6 +21,11 @@ class DataFileError(UserError, ValueError):
 def load_json(path: str):
     """Parse a JSON file. Bytes that are not UTF-8 survive as lone surrogates
     (surrogateescape), so one bad string drops one sample instead of the whole file."""
+    return load_json_text(path)[0]
+
+
+def load_json_text(path: str):
+    """(the parsed JSON of a file, its text): the text gives the line and column of a bad key later."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -27,7 +35,7 @@ def load_json(path: str):
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        return json.loads(text)
+        return json.loads(text), text
     except json.JSONDecodeError as e:
         raise DataFileError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
 
@@ -65,19 +73,23 @@ def apply_umask_mode(fd_or_path, mode: int = 0o666) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w", encoding: str = "utf-8", suffix: str = ".tmp"):
-    """Open a temp file beside ``path``; on a clean exit it is flushed, fsynced and renamed onto ``path``
-    (readers see the old or the new file, never half), with the umask's permissions as open() gives them.
-    On an exception the temp file is removed and ``path`` is untouched."""
+def atomic_path(path: str, suffix: str = ".tmp"):
+    """The one atomic writer: yield a temporary path beside ``path`` for the caller (or a library such as
+    safetensors) to write a file at; on a clean exit the file is fsynced, given the mode a plain open()
+    gives (``0o666 & ~umask``; mkstemp makes 0600) and renamed onto ``path``: readers see the old file or
+    the new one, never half.  On an exception the temporary file is removed and ``path`` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
     try:
-        apply_umask_mode(fd)
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        apply_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -85,8 +97,30 @@ def atomic_open(path: str, mode: str = "w", encoding: str = "utf-8", suffix: str
         raise
 
 
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: str = "utf-8", suffix: str = ".tmp"):
+    """:func:`atomic_path` as an open file."""
+    with atomic_path(path, suffix) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+        yield f
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Replace a (small) text file atomically."""
+    with atomic_open(path, "w", suffix=os.path.splitext(path)[1] or ".tmp") as f:
+        f.write(text)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move a finished temporary folder to ``final``, replacing an older one (checkpoints, the data cache)."""
+    if os.path.isdir(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def write_json_atomic(path: str, data, indent=None) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    with atomic_open(path, "w", suffix=".json") as f:
-        json.dump(data, f, ensure_ascii=False, indent=indent)
-        f.write("\n")
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")

@@ -13,7 +13,7 @@ from mindspeed_mm.data.config import DataConfig, check_paths
 from mindspeed_mm.data.dataset import Qwen2VLDataset
 from mindspeed_mm.jsonio import DataFileError, load_json
 from mindspeed_mm.data.positions import VisionTokenIds
-from mindspeed_mm.data.preprocess import CHUNK_SIZE, PreprocessSettings, load_processors, preprocess_records
+from mindspeed_mm.data.preprocess import CHUNK_SIZE, PreprocessSettings, preprocess_records
 from mindspeed_mm.data.sampler import ResumableBatchSampler
 from mindspeed_mm.data.workers import effective_workers, usable_cores
 from mindspeed_mm.errors import UserError
@@ -89,7 +89,7 @@ def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None
     path = os.path.join(bp.cache_dir, f"qwen2vl-{cache_key(files, settings, bp.max_samples)}")
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    processors = load_processors(settings)
+    processors = settings.load_processors()
 
     def build():
         items = read_records(files, bp.max_samples)

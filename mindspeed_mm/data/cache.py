@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from dataclasses import asdict
 import numpy as np
 
 from mindspeed_mm.data.preprocess import PreprocessSettings, Sample
+from mindspeed_mm.jsonio import replace_dir
 
 # Bumped whenever preprocessing gives other tokens or lengths for the same inputs, so that an old
 # cache is rebuilt: 2 = answers tokenized apart from their prompt, 16-bit images scaled to 8 bits.
@@ -70,13 +70,7 @@ def write_cache(path: str, samples: list[Sample], meta: dict) -> None:
         json.dump([p for s in samples for p in s.images], f)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({**meta, "num_samples": len(samples), "created": time.time()}, f)
-    if os.path.exists(path):  # overwrite_cache: move the old one aside, then swap
-        old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-        os.rename(path, os.path.join(old, "c"))
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
+    replace_dir(tmp, path)  # overwrite_cache swaps the old one out
 
 
 class CachedSamples:

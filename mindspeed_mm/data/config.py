@@ -6,17 +6,21 @@ message is one line naming the key path, e.g. `dataset_param.basic_parameters.cu
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
 
-from mindspeed_mm.jsonio import DataFileError, load_json
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import DataFileError, load_json_text
+from mindspeed_mm.typed_json import Wording, from_json_value, position_text
 
 
 class DataConfigError(UserError, ValueError):
-    """A mistake in data.json; str() is a one-line message naming the key."""
+    """A mistake in data.json; str() is a one-line message naming the key (``key``, dotted, when known)."""
+
+    def __init__(self, message: str, key: typing.Optional[str] = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -99,7 +103,7 @@ class DataConfig:
 
     def validate(self) -> "DataConfig":
         def bad(key, msg):
-            raise DataConfigError(f"{key}: {msg}")
+            raise DataConfigError(f"{key}: {msg}", key)
 
         dp, bp = self.dataset_param, self.dataset_param.basic_parameters
         pp, dl = dp.preprocess_parameters, self.dataloader_param
@@ -129,46 +133,19 @@ class DataConfig:
         return self
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+# data.json's wording of key errors: the canonical "KEY: what is wrong".
+DATA_JSON = Wording(error=DataConfigError)
 
 
-def _convert(value, tp, key: str):
-    """Check `value` against annotation `tp` (a dataclass, Optional[x], int, str, bool)."""
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], key)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    # bool is an int subclass in Python; a JSON `true` is not a valid integer here.
-    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    if not ok:
-        raise DataConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls, data, prefix: str):
-    if not isinstance(data, dict):
-        raise DataConfigError(f"{prefix}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise DataConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(fields)})".lstrip("."))
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}".lstrip(".")
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise DataConfigError(f"{key}: required key is missing")
-    return cls(**kwargs)
-
-
-def data_config_from_dict(data: dict) -> DataConfig:
-    return _build(DataConfig, data, "").validate()
+def data_config_from_dict(data: dict, source: str = None, text: str = None) -> DataConfig:
+    """data.json (parsed) as a validated DataConfig; errors name ``source`` (the file) when given, and
+    the line and column of the key when ``text`` (the file's JSON) is given too."""
+    config = from_json_value(DataConfig, data, DATA_JSON, source, text)
+    try:
+        return config.validate()
+    except DataConfigError as e:
+        where = position_text(text, tuple(e.key.split("."))) if e.key else ""
+        raise DataConfigError(f"{source}: {e}{where}" if source else str(e), e.key) from None
 
 
 # A HF model folder needs one of these for the tokenizer, and the image processor's config.
@@ -176,9 +153,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 _IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
-def check_model_dir(model: str) -> None:
-    """DataConfigError unless `model` is a local folder with a tokenizer and an image processor."""
-    key = "dataset_param.preprocess_parameters.model_name_or_path"
+MODEL_KEY = "dataset_param.preprocess_parameters.model_name_or_path"
+
+
+def check_model_dir(model: str, key: str = MODEL_KEY) -> None:
+    """DataConfigError unless `model` is a local folder with a tokenizer and an image processor;
+    messages start with `key`, the data.json key or flag that names the folder."""
     if not os.path.isdir(model):
         raise DataConfigError(f"{key}: folder {model!r} not found (download the HF model there first, "
                               f"e.g. hf download Qwen/Qwen2-VL-7B-Instruct --local-dir {model})")
@@ -212,8 +192,5 @@ def validate_data_json(path: str) -> DataConfig:
 
 def load_data_config(path: str) -> DataConfig:
     """Read and validate data.json; errors name the file and the key."""
-    data = load_json(path)
-    try:
-        return data_config_from_dict(data)
-    except DataConfigError as e:
-        raise DataConfigError(f"{path}: {e}") from None
+    data, text = load_json_text(path)
+    return data_config_from_dict(data, path, text)

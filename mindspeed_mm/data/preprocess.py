@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mindspeed_mm.data.config import Attr
+from mindspeed_mm.data.config import MODEL_KEY, Attr, DataConfigError, check_model_dir
 from mindspeed_mm.data.formats import DROP_REASONS, DropSample, parse_record
 from mindspeed_mm.data.images import check_images
 from mindspeed_mm.constants import IGNORE_INDEX
@@ -26,6 +26,10 @@ class PreprocessSettings:
     mask_history: bool
     attr: Attr
     media_dir: str
+
+    def load_processors(self):
+        """The tokenizer and image processor of model_name_or_path at these pixel bounds."""
+        return load_processors(self.model_name_or_path, self.min_pixels, self.max_pixels)
 
 
 @dataclass
@@ -50,21 +54,20 @@ class DropReport:
                 for r in DROP_REASONS if self.counts[r]]
 
 
-def load_processors(settings: PreprocessSettings):
+def load_processors(model: str, min_pixels=None, max_pixels=None, key: str = MODEL_KEY):
+    """The tokenizer and Qwen2VLImageProcessor of an HF folder (training and inference), the processor's
+    min/max_pixels overridden when given; a bad folder is one DataConfigError line starting with `key`
+    (the data.json key, or a flag such as --tokenizer-path)."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
-    from mindspeed_mm.data.config import DataConfigError, check_model_dir
-
-    model = settings.model_name_or_path
-    check_model_dir(model)
+    check_model_dir(model, key)
+    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-        image_processor = Qwen2VLImageProcessor.from_pretrained(
-            model, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+        image_processor = Qwen2VLImageProcessor.from_pretrained(model, **pixels)
     except (OSError, ValueError, KeyError) as e:  # HF's errors for unreadable / incomplete folders
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataConfigError(f"dataset_param.preprocess_parameters.model_name_or_path: cannot load the "
-                              f"tokenizer / image processor from {model!r}: {first}") from None
+        raise DataConfigError(f"{key}: cannot load the tokenizer / image processor from {model!r}: {first}") from None
     return tokenizer, image_processor
 
 
@@ -88,7 +91,7 @@ class Preprocessor:
 
     def __init__(self, settings: PreprocessSettings, processors=None):
         self.settings = settings
-        tokenizer, self.image_processor = processors or load_processors(settings)
+        tokenizer, self.image_processor = processors or settings.load_processors()
         self.template = Qwen2VLTemplate(tokenizer, settings.train_on_prompt, settings.mask_history)
         self.merge = self.image_processor.merge_size
 

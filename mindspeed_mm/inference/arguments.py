@@ -12,14 +12,20 @@ the command line wins over the JSON, the JSON over the built-in default:
 ``stop_token_ids`` null (the shipped JSONs) takes them from the HF folder, as HF ``generate`` does.
 """
 import argparse
+import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from mindspeed_mm.constants import DTYPES
-from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import load_json_text
+from mindspeed_mm.typed_json import Wording, from_json_value, json_fields
 
+# The inference JSON's wording of key errors ("FILE: unknown key 'generation.max_tokens'").
+INFERENCE_JSON = Wording(unknown_key="unknown key '{key}' (known: {known})",
+                         wrong_type="{at_parent}'{name}' must be {want}, got {value}")
+NOT_IN_JSON = {"json": False}  # field metadata: set by a flag (or by the code), never by the inference JSON
 
 
 @dataclass
@@ -33,7 +39,7 @@ class GenerationSettings:
     stop_token_ids: Optional[List[int]] = None  # None: generation_config.json's eos_token_id, else the tokenizer's
     seed: int = 1234  # sampling only: the same seed gives the same tokens
     # where each value came from, for messages: key -> "--max-new-tokens" or "FILE: generation.max_new_tokens"
-    origin: dict = field(default_factory=dict, repr=False, compare=False)
+    origin: dict = field(default_factory=dict, repr=False, compare=False, metadata=NOT_IN_JSON)
 
     def label(self, key: str) -> str:
         """How a message names the setting: the flag (with its value) or the JSON key that set it."""
@@ -65,34 +71,30 @@ class GenerationSettings:
 
 @dataclass
 class InferenceArgs:
-    load: str = None
+    load: Optional[str] = None
     iteration: Optional[int] = None
     mm_model: Optional[str] = None
-    tokenizer_path: str = None
+    tokenizer_path: Optional[str] = None
     tensor_model_parallel_size: int = 1
     device: Optional[str] = None
     params_dtype: Optional[str] = None  # None: the checkpoint's model.json dtype
     min_pixels: Optional[int] = None  # None: the image processor folder's own setting
     max_pixels: Optional[int] = None
     # one conversation
-    prompt: Optional[str] = None
-    image: List[str] = field(default_factory=list)
+    prompt: Optional[str] = field(default=None, metadata=NOT_IN_JSON)
+    image: List[str] = field(default_factory=list, metadata=NOT_IN_JSON)
     system: Optional[str] = None  # None: the chat template's default system turn
-    output_json: Optional[str] = None
+    output_json: Optional[str] = field(default=None, metadata=NOT_IN_JSON)
     stream: bool = True
     # a whole file
-    input: Optional[str] = None
-    output: Optional[str] = None
+    input: Optional[str] = field(default=None, metadata=NOT_IN_JSON)
+    output: Optional[str] = field(default=None, metadata=NOT_IN_JSON)
     batch_size: int = 1
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     @property
     def single(self) -> bool:
         return self.input is None
-
-
-_GENERATION_FLAGS = {f.name for f in fields(GenerationSettings)} - {"origin"}
-_JSON_KEYS = {f.name for f in fields(InferenceArgs)} - {"prompt", "image", "input", "output", "output_json"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,62 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _from_json(path: str) -> dict:
-    data = load_json(path)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    for key in data:
-        if key not in _JSON_KEYS:
-            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(_JSON_KEYS))})")
-    gen = data.get("generation") or {}
-    if not isinstance(gen, dict):
-        raise UserError(f"{path}: 'generation' must be an object")
-    for key in gen:
-        if key not in _GENERATION_FLAGS:
-            raise UserError(f"{path}: unknown key 'generation.{key}'")
-    return data
-
-
-def _check_type(source: str, key: str, value, default) -> None:
-    if value is None or default is None or isinstance(default, list):
-        return
-    kind = {bool: bool, int: int, float: (int, float), str: str}[type(default)]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"{source}: '{key}' must be {type(default).__name__}, got {value!r}")
-
-
 def parse_args(argv=None) -> InferenceArgs:
+    """Flags over the --config JSON over the built-in defaults, validated once."""
     flags = vars(build_parser().parse_args(argv))
     config_path = flags.pop("config", None)
-    data = _from_json(config_path) if config_path else {}
-    source = config_path or "flags"
-
-    gen_defaults = GenerationSettings()
-    gen, origin = {}, {}
-    json_gen = data.get("generation") or {}
-    for f in fields(GenerationSettings):
-        if f.name == "origin":
-            continue
-        if f.name in flags:
-            value = flags.pop(f.name)
-            origin[f.name] = "--" + f.name.replace("_", "-")
-        elif f.name in json_gen:
-            value = json_gen[f.name]
-            origin[f.name] = f"{config_path}: generation.{f.name}"
-            _check_type(f"{config_path}: generation", f.name, value, getattr(gen_defaults, f.name))
-        else:
-            value = getattr(gen_defaults, f.name)
-        gen[f.name] = value
-    args = InferenceArgs(generation=GenerationSettings(**gen, origin=origin))
-    for f in fields(InferenceArgs):
-        if f.name == "generation":
-            continue
-        if f.name in flags:
-            setattr(args, f.name, flags[f.name])
-        elif f.name in data:
-            _check_type(source, f.name, data[f.name], getattr(args, f.name))
-            setattr(args, f.name, data[f.name])
-    validate(args, source)
+    data, text = load_json_text(config_path) if config_path else ({}, None)
+    args = from_json_value(InferenceArgs, data, INFERENCE_JSON, config_path, text)
+    origin = {key: f"{config_path}: generation.{key}" for key in data.get("generation", {})}
+    generation_flags = {key: flags.pop(key) for key in json_fields(GenerationSettings) if key in flags}
+    origin.update({key: "--" + key.replace("_", "-") for key in generation_flags})
+    generation = dataclasses.replace(args.generation, **generation_flags, origin=origin)
+    args = dataclasses.replace(args, **flags, generation=generation)
+    validate(args, config_path or "flags")
     return args
 
 

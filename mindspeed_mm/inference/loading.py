@@ -6,10 +6,12 @@ full state (the spec's merged_view, models/sharding.py) and cut again for this r
 (Qwen2VLModel.load_full_state).  Inference runs the whole model on every
 rank (no pipeline stages).
 """
+import functools
 import os
 import sys
 from typing import List, Optional, Tuple
 
+from mindspeed_mm.data.preprocess import load_processors as data_load_processors
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
@@ -32,17 +34,8 @@ def load_model_config(load: str, mm_model: Optional[str], params_dtype: Optional
     return cfg
 
 
-def load_processors(tokenizer_path: str, min_pixels: Optional[int], max_pixels: Optional[int]):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        image_processor = Qwen2VLImageProcessor.from_pretrained(tokenizer_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--tokenizer-path {tokenizer_path}: cannot load the tokenizer / image processor "
-                        f"({str(exc).splitlines()[0]})") from None
-    return tokenizer, image_processor
+# The HF folder's tokenizer and image processor, loaded as training loads them; messages name the flag.
+load_processors = functools.partial(data_load_processors, key="--tokenizer-path")
 
 
 def check_tokenizer(cfg: Qwen2VLConfig, tokenizer, model_source: str, tokenizer_path: str) -> None:
@@ -62,7 +55,8 @@ def default_stop_ids(tokenizer, tokenizer_path: str) -> Tuple[List[int], str]:
     tokenizer's <|im_end|> and <|endoftext|> (those it has), else its eos token.  (ids, where they came from)"""
     path = os.path.join(tokenizer_path, "generation_config.json")
     if os.path.isfile(path):
-        eos = load_json(path).get("eos_token_id") if isinstance(load_json(path), dict) else None
+        config = load_json(path)
+        eos = config.get("eos_token_id") if isinstance(config, dict) else None
         if eos is not None:
             ids = eos if isinstance(eos, list) else [eos]
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):

@@ -8,13 +8,17 @@ Qwen2-VL ``config.json`` (the hub's flat form or transformers 5's nested
 ``text_config`` form).
 """
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import List
 
 from mindspeed_mm.constants import DTYPES, dtype_name
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.jsonio import load_json, write_json_atomic
+from mindspeed_mm.jsonio import load_json_text, write_json_atomic
+from mindspeed_mm.typed_json import Wording, from_json_value
 
+# The model JSON's own wording of key errors ("FILE: text: unknown key 'hidden_sise'").
+MODEL_JSON = Wording(unknown_key="{at_parent}unknown key '{name}'",
+                     wrong_type="{at_parent}key '{name}' must be {want}, got {value}")
 
 
 @dataclass
@@ -75,11 +79,9 @@ class Qwen2VLConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "model config") -> "Qwen2VLConfig":
-        data = dict(data)
-        vision = _build(VisionConfig, data.pop("vision", {}), f"{source}: vision")
-        text = _build(TextConfig, data.pop("text", {}), f"{source}: text")
-        cfg = _build(cls, data, source, vision=vision, text=text)
+    def from_dict(cls, data: dict, source: str = "model config", text: str = None) -> "Qwen2VLConfig":
+        """The model JSON (parsed); ``text``, the file's JSON, adds the line and column to key errors."""
+        cfg = from_json_value(cls, data, MODEL_JSON, source, text)
         cfg.validate(source)
         return cfg
 
@@ -88,10 +90,10 @@ class Qwen2VLConfig:
         """A model JSON file, or a directory holding model.json (converted checkpoint)."""
         if os.path.isdir(path):
             path = os.path.join(path, "model.json")
-        data = load_json(path)
-        if "vision_config" in data or "model_type" in data:  # an HF config.json given by mistake is fine
-            return cls.from_hf(data, source=path)
-        return cls.from_dict(data, source=path)
+        data, text = load_json_text(path)
+        if isinstance(data, dict) and ("vision_config" in data or "model_type" in data):
+            return cls.from_hf(data, source=path)  # an HF config.json given by mistake is fine
+        return cls.from_dict(data, source=path, text=text)
 
     def save(self, path: str) -> None:
         write_json_atomic(path, self.to_dict(), indent=2)
@@ -177,20 +179,6 @@ class Qwen2VLConfig:
                             ("vision.ffn_hidden_size", v.ffn_hidden_size)):
             if value % tensor_parallel:
                 raise UserError(f"tensor parallel size {tensor_parallel} does not divide {name} = {value}")
-
-
-def _build(cls, data, source, **extra):
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a JSON object")
-    known = {f.name: f for f in fields(cls)}
-    for key, value in data.items():
-        if key not in known:
-            raise UserError(f"{source}: unknown key '{key}'")
-        want = known[key].type
-        kind = {int: int, float: (int, float), bool: bool, str: str}.get(want)
-        if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise UserError(f"{source}: key '{key}' must be {getattr(want, '__name__', want)}, got {value!r}")
-    return cls(**data, **extra)
 
 
 def _hf_dtype(name) -> str:
