@@ -4,8 +4,7 @@ import sys
 import pytest
 import torch
 
-from mindspeed_mm.platform import PlatformError, detect_device
-from mindspeed_mm.platform.attention import allowed_mask
+from mindspeed_mm.platform import PlatformError, detect_device, setup_platform
 
 
 def _run(*args):
@@ -34,6 +33,9 @@ def test_cli_reports_cpu():
 
 
 def test_varlen_mask_is_block_diagonal_and_causal_aligned():
+    setup_platform("cpu")  # attention imports megatron-core: never before the shim
+    from mindspeed_mm.platform.attention import allowed_mask
+
     cu = torch.tensor([0, 2, 5])
     m = allowed_mask(5, 5, "cpu", causal=False, cu_q=cu, cu_k=cu)[0, 0]
     expected = torch.zeros(5, 5, dtype=torch.bool)
@@ -48,14 +50,13 @@ def test_varlen_mask_is_block_diagonal_and_causal_aligned():
 
 def test_core_attention_matches_reference_and_reuses_masks():
     """GQA + varlen + padding through CoreAttention equal an explicit softmax; masks are rebuilt on new inputs."""
+    setup_platform("cpu")  # before megatron-core is imported
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnMaskType
 
-    from mindspeed_mm.platform import setup_platform
     from mindspeed_mm.platform.attention import CoreAttention
 
-    setup_platform("cpu")
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                             attention_dropout=0.0, use_cpu_initialization=True)
     attn = CoreAttention(cfg, 1, AttnMaskType.no_mask, backend="sdpa")

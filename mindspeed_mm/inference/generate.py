@@ -19,12 +19,16 @@ Two things are specific to Qwen2-VL:
 Logits come back gathered over TP with the padded vocabulary columns at
 -inf; every TP rank picks the same token (the TP source rank's choice is
 broadcast, which also keeps sampling identical).
+
+Imports megatron-core: import it after :func:`mindspeed_mm.platform.setup_platform`.
 """
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
 
 from mindspeed_mm.inference.arguments import GenerationSettings
 from mindspeed_mm.inference.prompts import PromptBatch
@@ -88,8 +92,6 @@ class Generator:
         ``on_tokens(tokens, finished)`` is called after every step with the new id of each sample
         (the pad id for samples already finished) and whether each sample has finished.
         """
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         ids, prompt_mask = left_pad(batch.input_ids, self.pad_id)
         grid = batch.image_grid_thw
         prompt_positions, first_position = self._positions(ids, prompt_mask, grid)
@@ -150,8 +152,6 @@ class Generator:
 
     @staticmethod
     def _same_on_tp_ranks(token: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state
-
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             torch.distributed.broadcast(token, parallel_state.get_tensor_model_parallel_src_rank(),
                                         group=parallel_state.get_tensor_model_parallel_group())

@@ -11,7 +11,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     platform = setup_platform(args.device)
-    from mindspeed_mm.platform.attention import select_backend
+    from mindspeed_mm.platform.attention import select_backend  # imports megatron-core: after the setup
 
     print(f"device: {platform.device_type}  backend: {platform.backend}  "
           f"attention: {select_backend(platform.device_type)}")

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from mindspeed_mm.platform import current_platform
+
 BACKENDS = ("sdpa", "flash", "npu")
 
 
@@ -138,8 +140,6 @@ class CoreAttention(MegatronModule):
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None,
                  backend=None):
         super().__init__(config=config)
-        from mindspeed_mm.platform import current_platform
-
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5

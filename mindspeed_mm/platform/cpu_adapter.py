@@ -11,6 +11,10 @@ optimizers) runs on gloo processes.
 Installed once by :func:`mindspeed_mm.platform.setup_platform` when the
 device is the CPU; never on CUDA or NPU.  Must run before megatron-core is
 imported, because megatron binds some of these names at import time.
+
+Every ``torch.cuda`` name megatron-core uses is declared below: ``ROUTES``
+(patched), ``HARMLESS`` or ``UNREACHABLE``; tests/test_platform_cuda_routes.py
+checks that account against a scan of the installed megatron-core.
 """
 import contextlib
 import functools
@@ -128,49 +132,114 @@ class _Generators:
         return 1
 
 
+def _returns(value):
+    # A new function per route: torch._dynamo keys its rules on these objects,
+    # and one object under two torch.cuda names with different rules is an error.
+    return lambda *a, **k: value
+
+
+# One RNG: the CUDA RNG state megatron forks for tensor-parallel dropout is
+# the CPU generator's state, so the tracker's fork/restore logic holds.
+def _get_rng_state(device="cuda"):
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state, device="cuda"):
+    torch.set_rng_state(state)
+
+
+def _manual_seed(seed):
+    return torch.default_generator.manual_seed(int(seed))
+
+
+# The torch.cuda names install() replaces: dotted name under torch.cuda -> CPU stand-in.
+ROUTES = {
+    "current_device": _returns(CPU),
+    "set_device": _returns(None),
+    "device_count": _returns(1),
+    "synchronize": _returns(None),
+    "empty_cache": _returns(None),
+    "Stream": _Stream,
+    "Event": _Event,
+    "current_stream": lambda *a, **k: _Stream(),
+    "default_stream": lambda *a, **k: _Stream(),
+    "stream": lambda *a, **k: contextlib.nullcontext(),
+    "memory_allocated": _returns(0),
+    "memory_reserved": _returns(0),
+    "nvtx.range_push": _returns(None),
+    "nvtx.range_pop": _returns(None),
+    "get_rng_state": _get_rng_state,
+    "set_rng_state": _set_rng_state,
+    "random.get_rng_state": _get_rng_state,
+    "manual_seed": _manual_seed,
+    "manual_seed_all": _manual_seed,  # torch.manual_seed calls it: seed the generator directly
+    "default_generators": _Generators(),
+    # Without CUDA, torch queues lazy calls forever; run them now instead.
+    # tensor_parallel.random binds this name at import: install before importing megatron.
+    "_lazy_call": lambda fn, *a, **k: fn(),
+}
+
+# Routed although megatron-core never names them: torch's own code calls them
+# (name -> the torch file that does, checked by the test).
+TORCH_CALLERS = {"manual_seed_all": "random.py"}
+
+# The rest of megatron-core's torch.cuda names, and why each is safe unpatched.
+# tests/test_platform_cuda_routes.py scans the installed megatron-core: a name
+# missing from ROUTES/HARMLESS/UNREACHABLE, or an entry it no longer uses, fails.
+HARMLESS = {  # usable on the CPU as torch ships it
+    "is_available": "gates optional CUDA extras only (TE fp8 types, triton fusions, offload, telemetry)",
+    "FloatTensor": "legacy type class, only in isinstance tuples",
+    "HalfTensor": "legacy type class, only in isinstance tuples",
+    "BFloat16Tensor": "legacy type class, only in isinstance tuples",
+    "OutOfMemoryError": "exception class, only caught",
+    "amp.custom_fwd": "autograd decorator, no casting without cast_inputs",
+    "amp.custom_bwd": "autograd decorator, no casting",
+    "memory_stats": "an empty dict while CUDA is uninitialised (dynamic engine, CUDA graphs only)",
+    # bound at import by inference.unified_memory, which inference.contexts (generate.py) imports
+    "memory.MemPool": "class, used only by the dynamic engine's unified memory",
+    "memory.CUDAPluggableAllocator": "class, used only by the dynamic engine's unified memory",
+    "MemPool": "class, used only by the dynamic engine's unified memory and nccl_ub",
+}
+UNREACHABLE = {  # on no path this project runs
+    "_lazy_init": "only CUDA-graph-safe RNG (use_cudagraphable_rng) and megatron FSDP",
+    "device": "only the old-torch branch of _set_cuda_rng_state (torch._C._cuda_setRNGState) and megatron FSDP",
+    "CUDAGraph": "only CUDA graphs (cuda_graph_impl, use_cudagraphable_rng)",
+    "graph": "only CUDA graphs (transformer/cuda_graphs.py, full_cuda_graph.py)",
+    "graph_pool_handle": "only CUDA graphs (transformer/cuda_graphs.py)",
+    "get_device_capability": "only CUDA graphs (transformer/cuda_graphs.py)",
+    "set_stream": "only CUDA graphs (transformer/cuda_graphs.py)",
+    "get_device_properties": "only TE inference layers, batch-invariant kernels and megatron FSDP",
+    "use_mem_pool": "only the dynamic inference context and NCCL user buffers (nccl_ub)",
+    "ExternalStream": "only the NVSHMEM resharding service",
+    "nvtx.range": "only MoE fine-grained callables (combined 1F1B overlap)",
+    "clock_rate": "only the StragglerDetector's GPU telemetry (pynvml)",
+    "power_draw": "only the StragglerDetector's GPU telemetry (pynvml)",
+    "temperature": "only the StragglerDetector's GPU telemetry (pynvml)",
+    "utilization": "only the StragglerDetector's GPU telemetry (pynvml)",
+}
+
+
+def _resolve(dotted: str):
+    """(owner, attribute) of a dotted name under torch.cuda."""
+    owner = torch.cuda
+    *path, attr = dotted.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attr
+
+
 def install() -> None:
     """Apply the CPU routing (idempotent)."""
     global _INSTALLED
     if _INSTALLED:
         return
-    cuda = torch.cuda
-
     for name in _FACTORIES:
         setattr(torch, name, _route_factory(getattr(torch, name)))
     torch.Tensor.to = _route_to(torch.Tensor.to)
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.Tensor.type = _route_type(torch.Tensor.type)
-
-    cuda.current_device = lambda: CPU
-    cuda.set_device = lambda *a, **k: None
-    cuda.device_count = lambda: 1
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda: None
-    cuda.Stream = _Stream
-    cuda.Event = _Event
-    cuda.current_stream = lambda *a, **k: _Stream()
-    cuda.default_stream = lambda *a, **k: _Stream()
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_reserved = lambda *a, **k: 0
-    cuda.max_memory_reserved = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = lambda *a, **k: None
-    cuda.nvtx.range_push = lambda *a, **k: None
-    cuda.nvtx.range_pop = lambda *a, **k: None
-
-    # One RNG: the CUDA RNG state megatron forks for tensor-parallel dropout
-    # is the CPU generator's state, so the tracker's fork/restore logic holds.
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    cuda.random.get_rng_state = cuda.get_rng_state
-    cuda.random.set_rng_state = cuda.set_rng_state
-    # torch.manual_seed itself calls cuda.manual_seed_all: seed the generator directly.
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = cuda.manual_seed
-    cuda.default_generators = _Generators()
-    # Without CUDA, torch queues lazy calls forever; run them now instead.
-    cuda._lazy_call = lambda fn, *a, **k: fn()
+    for dotted, replacement in ROUTES.items():
+        setattr(*_resolve(dotted), replacement)
     _INSTALLED = True
 
 

@@ -6,6 +6,8 @@ across the tensor-parallel group, and uses torch_npu's fused RMSNorm on NPU.
 """
 import torch
 
+from mindspeed_mm.platform import current_platform
+
 
 class _NpuRMSNorm(torch.nn.RMSNorm):
     def forward(self, x):
@@ -18,8 +20,6 @@ class Norm:
     """Factory with megatron's norm signature: ``Norm(config, hidden_size, eps)``."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
-        from mindspeed_mm.platform import current_platform
-
         if config.normalization == "RMSNorm":
             norm_cls = _NpuRMSNorm if current_platform().device_type == "npu" else torch.nn.RMSNorm
         elif config.normalization == "LayerNorm":
