@@ -8,7 +8,17 @@ All flags: ``python inference_qwen2vl.py --help``; the code is mindspeed_mm/infe
 import sys
 
 from mindspeed_mm.errors import cli_main
-from mindspeed_mm.inference.main import main
+from mindspeed_mm.inference.arguments import parse_args
+from mindspeed_mm.platform import setup_platform
+
+
+def main(argv=None):
+    args = parse_args(argv)  # flags and the JSON settings only: no megatron yet
+    setup_platform(args.device)  # before megatron-core is imported (the CPU routes torch.cuda)
+    from mindspeed_mm.inference.main import run  # imports megatron-core
+
+    return run(args)
+
 
 if __name__ == "__main__":
     cli_main(main)()

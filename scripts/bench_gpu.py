@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from mindspeed_mm.training.flops import BatchShape, train_flops
     from mindspeed_mm.constants import torch_dtype
-    from mindspeed_mm.training.train import train_step
-    from scripts.bench_train import build_ours, new_state, training_flags
+    from mindspeed_mm.training.step import train_step
+    from scripts.bench_train import build_ours, training_flags
 
     os.environ.setdefault("MASTER_PORT", "29521")
     init_distributed(platform, 1, 1, seed=0)
@@ -116,13 +116,12 @@ def main(argv=None) -> int:
     device = platform.device(0)
     batch = make_sample(cfg, args.seq_length, args.image_size, device, torch_dtype(args.precision))
     flops = train_flops(cfg, BatchShape.of(batch), cfg.text.padded_vocab_size(1))
-    state = new_state()
     times, losses = [], []
     for i in range(args.iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss, _ = train_step(model, optimizer, scheduler, [batch], train_args, state)
+        loss = train_step(model, optimizer, scheduler, [batch], train_args, iteration=i + 1).loss
         if device.type == "cuda":
             torch.cuda.synchronize()
         took = time.perf_counter() - start

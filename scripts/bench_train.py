@@ -18,6 +18,7 @@ losses of both runs are compared step by step: they must agree (same math).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -76,16 +77,16 @@ def make_batch(folder: str, samples: int, min_pixels: int, max_pixels: int):
 
 
 def build_ours(flags, model_cfg, world_size: int = 1):
-    """The training stack of pretrain_qwen2vl.py from launcher flags: (args, DDP model, optimizer, scheduler).
+    """The training stack of pretrain_qwen2vl.py from launcher flags: (config, DDP model, optimizer, scheduler).
     Call after init_distributed."""
-    from mindspeed_mm.training.arguments import parse_args, validate
-    from mindspeed_mm.training.train import build_model, build_optimizer
+    from mindspeed_mm.training.arguments import parse_args
+    from mindspeed_mm.training.build import build_model, build_optimizer
+    from mindspeed_mm.training.config import validate
 
-    args = parse_args(flags)
-    validate(args, model_cfg, world_size)
-    model = build_model(args, model_cfg)
-    optimizer, scheduler = build_optimizer(args, model)
-    return args, model, optimizer, scheduler
+    config = validate(parse_args(flags), model_cfg, world_size)
+    model = build_model(config, model_cfg)
+    optimizer, scheduler = build_optimizer(config, model)
+    return config, model, optimizer, scheduler
 
 
 def training_flags(model_json: str, batch_size: int, lr: float, precision: str = "fp32", extra=()):
@@ -95,10 +96,6 @@ def training_flags(model_json: str, batch_size: int, lr: float, precision: str =
             "--variable-seq-lengths", "--train-iters", "1000000", "--lr", str(lr), "--min-lr", "0",
             "--lr-decay-style", "constant", "--weight-decay", "0", "--clip-grad", "1.0",
             "--adam-beta1", "0.9", "--adam-beta2", "0.999", "--use-distributed-optimizer", *extra]
-
-
-def new_state() -> dict:
-    return {"iteration": 0, "consumed_samples": 0, "skipped_iters": 0, "nan_iters": 0, "consecutive_nan": 0}
 
 
 def timed(fn):
@@ -136,7 +133,7 @@ def main(argv=None) -> int:
     from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from mindspeed_mm.training.checkpointing import unwrap
-    from mindspeed_mm.training.train import train_step
+    from mindspeed_mm.training.step import train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,10 +157,10 @@ def main(argv=None) -> int:
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     hf_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "labels")
     hf_batch = {k: batch[k] for k in hf_keys}
-    state = new_state()
+    iterations = itertools.count(1)
 
     def ours_step():
-        return train_step(model, optimizer, scheduler, [batch], train_args, state)[0]
+        return train_step(model, optimizer, scheduler, [batch], train_args, iteration=next(iterations)).loss
 
     def hf_step():
         hf_opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """Training flags: Megatron names, later flags win, guide-only flags ignored with one warning,
 impossible combinations stop with a one-line error before any process group exists."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
-from mindspeed_mm.training.arguments import parse_args, validate
+from mindspeed_mm.training.arguments import parse_args
+from mindspeed_mm.training.config import validate
 from mindspeed_mm.training.flops import BatchShape, forward_flops, train_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,9 +23,7 @@ def _cfg():
 
 
 def _validated(extra, world=8):
-    args = parse_args(BASE + extra)
-    validate(args, _cfg(), world)
-    return args
+    return validate(parse_args(BASE + extra), _cfg(), world)
 
 
 def test_derived_values_and_later_flags_win():
@@ -32,9 +32,20 @@ def test_derived_values_and_later_flags_win():
                        "--bf16", "--fp32", "--train-iters", "20"])
     assert args.data_parallel_size == 1 and args.num_microbatches == 8
     assert args.stage_layers == [0, 10, 10, 8]
-    assert args.precision == "fp32" and args.train_iters == 20  # the last occurrence wins
+    assert args.optimization.precision == "fp32" and args.schedule.train_iters == 20  # the last occurrence wins
     args = _validated(["--pipeline-model-parallel-size", "4", "--pipeline-layer-index", "0,0,10,20"], world=4)
     assert args.stage_layers == [0, 10, 10, 8]
+
+
+def test_config_is_frozen_and_derives_its_values():
+    cfg = _validated(["--micro-batch-size", "2", "--lr-warmup-fraction", "0.25", "--lr-decay-iters", "8",
+                      "--recompute-granularity", "full"], world=4)
+    assert cfg.global_batch_size == 8 and cfg.num_microbatches == 1  # GBS defaults to MBS x DP
+    assert cfg.schedule.warmup_steps == 2 and cfg.schedule.decay_iters == 8
+    settings = cfg.parallel.model_settings()
+    assert (settings.recompute_method, settings.recompute_num_layers) == ("uniform", 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.schedule.lr = 1.0
 
 
 def test_guide_only_flags_are_ignored_with_one_warning():
@@ -43,7 +54,7 @@ def test_guide_only_flags_are_ignored_with_one_warning():
         args = parse_args(BASE + ["--use-mcore-models", "--tokenizer-type", "NullTokenizer", "--swiglu",
                                   "--normalization", "RMSNorm", "--mm-tool", "tools.json"])
     assert len(caught) == 1 and "--tokenizer-type" in str(caught[0].message)
-    assert args.ignored_flags == ["--mm-tool", "--normalization", "--swiglu", "--tokenizer-type",
+    assert list(args.ignored_flags) == ["--mm-tool", "--normalization", "--swiglu", "--tokenizer-type",
                                   "--use-mcore-models"]
 
 
@@ -58,6 +69,7 @@ def test_guide_only_flags_are_ignored_with_one_warning():
     (["--min-lr", "1", "--lr", "0.1"], 8, "--min-lr"),
     (["--save-interval", "5"], 8, "--save-interval needs --save"),
     (["--context-parallel-size", "2"], 8, "context parallelism"),
+    (["--sequence-parallel"], 8, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
 ])
 def test_impossible_combinations_are_one_line_errors(extra, world, needle):
     with pytest.raises(UserError) as err:

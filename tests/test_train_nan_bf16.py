@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.training.arguments import iteration_set
+from mindspeed_mm.training.config import iteration_set
 from tests.multiproc import free_port
 from tests.train_fixtures import (ROOT, convert, env, hf_loss_on_first_samples, losses, make_data, make_hf_model,
                                   train_flags, wait_for_line)

@@ -243,15 +243,15 @@ def test_help_works():
 
 
 def test_save_dir_without_room_for_one_checkpoint(tmp_path):
-    import argparse
     import shutil
 
     from mindspeed_mm.errors import UserError
     from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
+    from mindspeed_mm.training.arguments import parse_args
     from mindspeed_mm.training.preflight import check_save_dir, checkpoint_bytes
 
     cfg = Qwen2VLConfig.load(os.path.join(ROOT, "examples", "qwen2vl", "model_72b.json"))
-    args = argparse.Namespace(save=str(tmp_path / "save"), precision="bf16", no_save_optim=False)
+    args = parse_args(["--mm-data", "d.json", "--mm-model", "m.json", "--save", str(tmp_path / "save"), "--bf16"])
     need = checkpoint_bytes(cfg, args)
     assert 0.9e12 < need < 1.2e12  # 72B parameters x (2 bytes bf16 + 12 bytes fp32 main params and moments)
     if shutil.disk_usage(tmp_path).free >= need:

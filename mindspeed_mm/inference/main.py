@@ -7,15 +7,24 @@
 Inputs (tokenizer, model config, images, prompt lengths, checkpoint layout)
 are all checked before the model is built, so a mistake costs seconds and
 prints one line.
+
+Imports megatron-core: inference_qwen2vl.py sets up the platform first.
 """
 import os
 from contextlib import contextmanager
 
+import torch
+
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.inference.arguments import InferenceArgs, parse_args
+from mindspeed_mm.inference.batch import run_batch
+from mindspeed_mm.inference.chat import run_chat
+from mindspeed_mm.inference.generate import Generator
 from mindspeed_mm.inference.loading import (check_tokenizer, load_model, load_model_config, load_processors,
                                             model_source, open_checkpoint, stop_token_ids)
 from mindspeed_mm.inference.prompts import PromptBuilder, chat_conversation, read_conversations
+from mindspeed_mm.platform import setup_platform
+from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
 
 
 def prepare(args: InferenceArgs):
@@ -41,13 +50,7 @@ def prepare(args: InferenceArgs):
 @contextmanager
 def distributed(device, tensor_parallel: int, seed: int):
     """Processes for TP (the world is exactly the TP group); torn down only if set up here."""
-    from mindspeed_mm.platform import setup_platform
-
-    platform = setup_platform(device)
-    import torch
-
-    from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
-
+    platform = setup_platform(device)  # already set up by inference_qwen2vl.py: the same one
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world != tensor_parallel:
         raise UserError(f"--tensor-model-parallel-size {tensor_parallel}: inference runs on exactly that many "
@@ -62,14 +65,13 @@ def distributed(device, tensor_parallel: int, seed: int):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: InferenceArgs):
     tokenizer, cfg, builder, prompts, stop_ids, state = prepare(args)
     tp = args.tensor_model_parallel_size
     with distributed(args.device, tp, args.generation.seed) as is_writer:
-        from mindspeed_mm.inference.batch import run_batch
-        from mindspeed_mm.inference.chat import run_chat
-        from mindspeed_mm.inference.generate import Generator
-
         model = load_model(cfg, state, tp)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
         generator = Generator(model, cfg, args.generation, stop_ids, pad_id)

@@ -2,6 +2,7 @@
 
 Import after :func:`mindspeed_mm.platform.setup_platform` (megatron-core is imported here).
 """
+import dataclasses
 import os
 from datetime import timedelta
 
@@ -44,11 +45,12 @@ def destroy_distributed():
         torch.distributed.destroy_process_group()
 
 
-def choose_backend(platform, requested):
-    """--distributed-backend, mapped to what the device speaks (the guide passes nccl on NPUs)."""
+def with_backend(platform, requested):
+    """The platform speaking --distributed-backend, mapped to what the device speaks (the guide
+    passes nccl on NPUs); None keeps the device's own."""
     if requested is None or requested == platform.backend:
-        return None
+        return platform
     if platform.device_type == "npu" and requested == "nccl":
-        return "hccl"
+        return dataclasses.replace(platform, backend="hccl")
     raise UserError(f"--distributed-backend {requested} does not work on the {platform.device_type} "
                     f"device (use {platform.backend}, or leave the flag out)")

@@ -3,7 +3,8 @@
     SAVE/latest_checkpointed_iteration.txt          "N" (or "release" for a converted checkpoint)
     SAVE/model.json                                 the model config
     SAVE/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
-        {'model', 'optimizer', 'opt_param_scheduler', 'rng_state', 'train_state', 'iteration', 'args', ...}
+        {'model', 'optimizer', 'opt_param_scheduler', 'rng_state', 'iteration', 'train_state', 'layout',
+         'schedule', 'versions', 'config', ...}  (checkpoint_metadata.py; older ones: 'args')
     SAVE/iter_{N:07d}/mp_rank_.../distrib_optim.pt  parameter state of the distributed optimizer
 
 A save writes everything under ``iter_N.tmp-<id>/``; once every rank has
@@ -16,19 +17,24 @@ import shutil
 import time
 
 import torch
+from megatron.core import parallel_state as ps
 
-from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, TRACKER, iteration_dir, rank_dir,  # noqa: F401
+from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, TRACKER, iteration_dir, rank_dir,
                                read_tracker, replace_dir, write_tracker)
 from checkpoint.staging import disk_full_error
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.platform.rng import rng_state, set_rng_state
+from mindspeed_mm.training.checkpoint_metadata import checkpoint_metadata, saved_stage_layers
+from mindspeed_mm.training.config import TrainingConfig
+from mindspeed_mm.training.preflight import check_resume, write_train_state
+from mindspeed_mm.training.state import TrainState
+
 
 # ---- save -------------------------------------------------------------------
-def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, train_state: dict,
-                    model_cfg, args) -> str:
+def save_checkpoint(save_dir: str, model, optimizer, scheduler, state: TrainState, model_cfg,
+                    config: TrainingConfig) -> str:
     """Collective: every rank calls it.  Returns the final iteration directory."""
-    from megatron.core import parallel_state as ps
-
+    iteration, c = state.iteration, config.checkpoints
     rank = torch.distributed.get_rank()
     final = iteration_dir(save_dir, iteration)
     # One temporary name for all ranks: rank 0 picks it and broadcasts it.
@@ -44,36 +50,33 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     dp_group = ps.get_data_parallel_group()
     # Every data-parallel rank keeps its own RNG stream: gather them all.
     rngs = [None] * torch.distributed.get_world_size(dp_group)
-    if not args.no_save_rng:
+    if not c.no_save_rng:
         torch.distributed.all_gather_object(rngs, rng_state(), group=dp_group)
-    save_optim = not args.no_save_optim and optimizer is not None
+    save_optim = not c.no_save_optim and optimizer is not None
     if save_optim:
         _ensure_optimizer_state(optimizer)
     failure = None
     try:
-        if save_optim and args.use_distributed_optimizer:
+        if save_optim and config.parallel.use_distributed_optimizer:
             os.makedirs(out_dir, exist_ok=True)
             optimizer.save_parameter_state(os.path.join(out_dir, OPTIM_FILE))  # collective over DP
         if ps.get_data_parallel_rank() == 0:
             os.makedirs(out_dir, exist_ok=True)
-            state = {
+            saved = {
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": iteration,
-                "args": {k: v for k, v in vars(args).items()
-                         if isinstance(v, (int, float, str, bool, list, type(None)))},
                 "model": unwrap(model).state_dict(),
-                "train_state": dict(train_state),
+                "train_state": state.saved(),
+                **checkpoint_metadata(config, scheduler),
             }
             if save_optim:
-                state["optimizer"] = optimizer.state_dict()
-                state["opt_param_scheduler"] = scheduler.state_dict()
-            if not args.no_save_rng:
-                state["rng_state"] = rngs
-            torch.save(state, os.path.join(out_dir, MODEL_FILE))
+                saved["optimizer"] = optimizer.state_dict()
+                saved["opt_param_scheduler"] = scheduler.state_dict()
+            if not c.no_save_rng:
+                saved["rng_state"] = rngs
+            torch.save(saved, os.path.join(out_dir, MODEL_FILE))
         if rank == 0:
-            from mindspeed_mm.training.preflight import write_train_state
-
-            write_train_state(tmp, iteration, scheduler if save_optim else None, args)
+            write_train_state(tmp, iteration, scheduler if save_optim else None, config)
     except OSError as exc:  # a full disk or quota: every rank learns of it, nothing is published
         failure = f"{exc.filename or tmp}: {exc.strerror or exc}"
     except RuntimeError as exc:  # torch.save hides the errno: the converter's classifier knows its text
@@ -132,15 +135,14 @@ def unwrap(model):
     return model
 
 
-def load_checkpoint(load_dir: str, model, optimizer, scheduler, args) -> dict:
+def load_checkpoint(load_dir: str, model, optimizer, scheduler, config: TrainingConfig) -> TrainState:
     """Load into the model (and optimizer, scheduler, RNG unless told otherwise).
 
-    Returns the train state to continue from: {'iteration', 'consumed_samples', ...};
-    iteration 0 for a converted ('release') checkpoint or with --finetune.
+    Returns the train state to continue from; iteration 0 for a converted ('release')
+    checkpoint or with --finetune.
     """
-    from megatron.core import parallel_state as ps
-
-    tag = read_tracker(load_dir) if args.ckpt_step is None else args.ckpt_step
+    c = config.checkpoints
+    tag = read_tracker(load_dir) if c.ckpt_step is None else c.ckpt_step
     if tag is None:
         raise UserError(f"--load {load_dir}: no {TRACKER} and no release/ directory: not a checkpoint")
     path = rank_dir(iteration_dir(load_dir, tag), ps.get_tensor_model_parallel_rank(),
@@ -157,30 +159,26 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, args) -> dict:
                         f"iteration with --ckpt-step N") from None
     _load_model_state(unwrap(model), state["model"], path_file)
 
-    weights_only = tag == "release" or args.finetune
+    weights_only = tag == "release" or c.finetune
     if weights_only:
-        return {"iteration": 0, "consumed_samples": 0, "skipped_iters": 0, "nan_iters": 0}
-    _check_same_layout(state.get("args", {}), args, path_file)
-    from mindspeed_mm.training.preflight import check_resume
-
-    check_resume(args, state["iteration"], state.get("opt_param_scheduler"), path_file)
-    if not args.no_load_optim:
+        return TrainState()
+    _check_same_layout(saved_stage_layers(state), config, path_file)
+    check_resume(config, state["iteration"], state.get("opt_param_scheduler"), path_file)
+    if not c.no_load_optim:
         if "optimizer" not in state:
             raise UserError(f"{path_file}: saved without optimizer state (--no-save-optim); "
                             f"resume with --no-load-optim or use --finetune")
         with torch.no_grad():  # fp32 main params can be views of the model's leaf parameters
             optimizer.load_state_dict(state["optimizer"])
-            if args.use_distributed_optimizer:
+            if config.parallel.use_distributed_optimizer:
                 _load_parameter_state(optimizer, os.path.join(path, OPTIM_FILE))
         scheduler.load_state_dict(state["opt_param_scheduler"])
-    if not args.no_load_rng:
+    if not c.no_load_rng:
         if "rng_state" not in state:
             raise UserError(f"{path_file}: saved without RNG state (--no-save-rng); resume with --no-load-rng")
         rngs = state["rng_state"]
         set_rng_state(rngs[ps.get_data_parallel_rank() % len(rngs)])
-    train_state = dict(state["train_state"])
-    train_state["iteration"] = state["iteration"]
-    return train_state
+    return TrainState.from_saved(state["iteration"], state["train_state"])
 
 
 def _load_parameter_state(optimizer, filename: str) -> None:
@@ -230,7 +228,7 @@ def _load_model_state(model, saved: dict, source: str) -> None:
                         f"--pipeline-num-layers against the checkpoint")
 
 
-def _check_same_layout(saved: dict, args, source: str) -> None:
-    if "stage_layers" in saved and saved["stage_layers"] != args.stage_layers:
-        raise UserError(f"{source}: saved with LLM layers per pipeline stage {saved['stage_layers']}, now "
-                        f"{args.stage_layers}; resume with the same --pipeline-num-layers")
+def _check_same_layout(saved_layers, config: TrainingConfig, source: str) -> None:
+    if saved_layers is not None and list(saved_layers) != config.stage_layers:
+        raise UserError(f"{source}: saved with LLM layers per pipeline stage {saved_layers}, now "
+                        f"{config.stage_layers}; resume with the same --pipeline-num-layers")

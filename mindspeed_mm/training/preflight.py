@@ -12,25 +12,31 @@ file readable, the saved learning-rate schedule against the flags, --train-iters
 saved iteration) and the save folder (writable, free space for one checkpoint, not in use by
 another run).
 """
+import dataclasses
 import fcntl
 import json
 import math
 import os
 import shutil
 import zipfile
+from operator import attrgetter
 
-from checkpoint.layout import MODEL_FILE, TRACKER, format_layout, iteration_dir, rank_dir, read_layout, read_tracker
+from checkpoint.layout import (MODEL_FILE, TRACKER, format_layout, iteration_dir, rank_dir, read_layout, read_tracker,
+                               write_atomically, write_layout)
+from mindspeed_mm.data.config import validate_data_json
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
+from mindspeed_mm.training.config import CheckpointConfig, TrainingConfig, validate
 
 LOCK_FILE = ".train.lock"  # in the save folder, held (flock) by rank 0 for the whole run
 TRAIN_STATE_FILE = "train_state.json"  # in each saved iteration folder: iteration and schedule
 
-# Scheduler state key -> (flag, the flag's value on args) compared on resume.
-SCHEDULE_KEYS = (("max_lr", "--lr", "lr"), ("min_lr", "--min-lr", "min_lr"),
-                 ("lr_warmup_steps", "--lr-warmup-iters/--lr-warmup-fraction", "lr_warmup_steps"),
-                 ("lr_decay_steps", "--lr-decay-iters/--train-iters", "lr_decay_iters"),
-                 ("lr_decay_style", "--lr-decay-style", "lr_decay_style"),
-                 ("start_wd", "--weight-decay", "weight_decay"))
+# Scheduler state key -> (flag, the flag's value in the TrainingConfig) compared on resume.
+SCHEDULE_KEYS = (("max_lr", "--lr", attrgetter("schedule.lr")), ("min_lr", "--min-lr", attrgetter("schedule.min_lr")),
+                 ("lr_warmup_steps", "--lr-warmup-iters/--lr-warmup-fraction", attrgetter("schedule.warmup_steps")),
+                 ("lr_decay_steps", "--lr-decay-iters/--train-iters", attrgetter("schedule.decay_iters")),
+                 ("lr_decay_style", "--lr-decay-style", attrgetter("schedule.lr_decay_style")),
+                 ("start_wd", "--weight-decay", attrgetter("optimization.weight_decay")))
 # Model config keys that change tensor shapes (a mismatch means another model).
 _SHAPE_KEYS = {"vision": ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "out_hidden_size",
                           "patch_size", "temporal_patch_size", "spatial_merge_size"),
@@ -38,79 +44,86 @@ _SHAPE_KEYS = {"vision": ("num_layers", "hidden_size", "num_attention_heads", "f
                         "vocab_size", "tie_word_embeddings")}
 
 
-def check_run(args, world_size: int, node_rank: int = 0, probe_lock: bool = True):
-    """All checks; fills what ``validate`` derives on ``args`` (and the pipeline split from the
-    checkpoint when the flags leave it out).  Returns (model_cfg, data_cfg)."""
-    from mindspeed_mm.data.config import validate_data_json
-    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
-    from mindspeed_mm.training.arguments import validate
+def check_launch(config: TrainingConfig, probe_lock: bool = False):
+    """:func:`check_run` for this process's torchrun environment (WORLD_SIZE, NODE_RANK)."""
+    return check_run(config, int(os.environ.get("WORLD_SIZE", "1")), node_rank=int(os.environ.get("NODE_RANK", "0")),
+                     probe_lock=probe_lock)
 
-    model_cfg = Qwen2VLConfig.load(args.mm_model)
-    data_cfg = validate_data_json(args.mm_data)  # keys, types, dataset files, image folder, tokenizer folder
-    checkpoint = _checkpoint_to_load(args) if args.load else None
+
+def preflight(config: TrainingConfig) -> None:
+    """``pretrain_qwen2vl.py --preflight``: the launcher, before torchrun: no device, no processes."""
+    check_launch(config, probe_lock=True)
+    c = config.checkpoints
+    print(f"preflight: {config.paths.mm_model}, {config.paths.mm_data}, --load {c.load}, --save {c.save}: ok")
+
+
+def check_run(config: TrainingConfig, world_size: int, node_rank: int = 0, probe_lock: bool = True):
+    """All checks.  Returns (the validated config, model_cfg, data_cfg); the config takes the
+    pipeline split from the checkpoint when the flags leave it out."""
+    model_cfg = Qwen2VLConfig.load(config.paths.mm_model)
+    data_cfg = validate_data_json(config.paths.mm_data)  # keys, types, dataset files, image folder, tokenizer folder
+    checkpoint = _checkpoint_to_load(config.checkpoints) if config.checkpoints.load else None
     if checkpoint is not None:
-        _take_split_from_checkpoint(args, checkpoint)
-    validate(args, model_cfg, world_size)
+        config = _take_split_from_checkpoint(config, checkpoint)
+    config = validate(config, model_cfg, world_size)
     if checkpoint is not None:
-        check_checkpoint(args, model_cfg, checkpoint)
-    if args.save:
+        check_checkpoint(config, model_cfg, checkpoint)
+    if config.checkpoints.save:
         # Only the first node: the others see node 0's lock on a shared file system.
-        check_save_dir(args, model_cfg, probe_lock=probe_lock and node_rank == 0)
-    return model_cfg, data_cfg
+        check_save_dir(config, model_cfg, probe_lock=probe_lock and node_rank == 0)
+    return config, model_cfg, data_cfg
 
 
 # ---- the checkpoint to load ------------------------------------------------------
-def _checkpoint_to_load(args) -> dict:
-    if not os.path.isdir(args.load):
-        raise UserError(f"--load {args.load}: no such folder (LOAD_PATH: convert the HF model first with "
+def _checkpoint_to_load(c: CheckpointConfig) -> dict:
+    if not os.path.isdir(c.load):
+        raise UserError(f"--load {c.load}: no such folder (LOAD_PATH: convert the HF model first with "
                         f"examples/qwen2vl/modelconvert.sh, or point it at a training SAVE_PATH)")
-    tag = read_tracker(args.load) if args.ckpt_step is None else args.ckpt_step
+    tag = read_tracker(c.load) if c.ckpt_step is None else c.ckpt_step
     if tag is None:
-        raise UserError(f"--load {args.load}: no {TRACKER} and no release/ folder: not a checkpoint")
-    folder = iteration_dir(args.load, tag)
+        raise UserError(f"--load {c.load}: no {TRACKER} and no release/ folder: not a checkpoint")
+    folder = iteration_dir(c.load, tag)
     if not os.path.isdir(folder):
-        saved = [os.path.basename(iteration_dir(args.load, n)) for n in _saved_iterations(args.load)]
-        raise UserError(f"--load {args.load}: {os.path.basename(folder)} not found (saved: "
+        saved = [os.path.basename(iteration_dir(c.load, n)) for n in _saved_iterations(c.load)]
+        raise UserError(f"--load {c.load}: {os.path.basename(folder)} not found (saved: "
                         f"{', '.join(saved) or 'none'})")
     return {"tag": tag, "dir": folder, "layout": read_layout(folder)}
 
 
-def _take_split_from_checkpoint(args, checkpoint) -> None:
+def _take_split_from_checkpoint(config: TrainingConfig, checkpoint) -> TrainingConfig:
     """No split flag: the checkpoint's recorded split, when it has the asked pipeline size."""
-    saved = checkpoint["layout"]
-    if args.pipeline_num_layers is None and args.pipeline_layer_index is None and \
+    saved, p = checkpoint["layout"], config.parallel
+    if p.pipeline_num_layers is None and p.pipeline_layer_index is None and \
             saved["pipeline_num_layers"] is not None and \
-            saved["pipeline_model_parallel_size"] == args.pipeline_model_parallel_size:
-        args.pipeline_num_layers = ",".join(map(str, saved["pipeline_num_layers"]))
+            saved["pipeline_model_parallel_size"] == p.pipeline_model_parallel_size:
+        split = ",".join(map(str, saved["pipeline_num_layers"]))
+        return dataclasses.replace(config, parallel=dataclasses.replace(p, pipeline_num_layers=split))
+    return config
 
 
-def check_checkpoint(args, model_cfg, checkpoint) -> None:
-    saved, folder = checkpoint["layout"], checkpoint["dir"]
-    asked = {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-             "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-             "pipeline_num_layers": list(args.stage_layers)}
+def check_checkpoint(config: TrainingConfig, model_cfg, checkpoint) -> None:
+    saved, folder, load = checkpoint["layout"], checkpoint["dir"], config.checkpoints.load
+    asked = config.parallel.layout
     same_split = saved["pipeline_num_layers"] is None or saved["pipeline_num_layers"] == asked["pipeline_num_layers"]
     if (saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]) != \
             (asked["tensor_model_parallel_size"], asked["pipeline_model_parallel_size"]) or not same_split:
         raise UserError(f"--load {folder} was written at {format_layout(saved)}, this run asks "
                         f"{format_layout(asked)}: give the checkpoint's layout (TP, PP, --pipeline-num-layers), "
                         f"or convert the model again at the asked one")
-    _check_same_model(args, model_cfg)
+    _check_same_model(load, config.paths.mm_model, model_cfg)
     for tp in range(saved["tensor_model_parallel_size"]):
         for pp in range(saved["pipeline_model_parallel_size"]):
             _check_readable(os.path.join(rank_dir(folder, tp, pp, saved["pipeline_model_parallel_size"]), MODEL_FILE),
-                            args, checkpoint["tag"])
-    if checkpoint["tag"] != "release" and not args.finetune:
+                            load, checkpoint["tag"])
+    if checkpoint["tag"] != "release" and not config.checkpoints.finetune:
         state = _read_train_state(folder)
         if state is not None:
-            check_resume(args, state["iteration"], state.get("opt_param_scheduler"), folder)
+            check_resume(config, state["iteration"], state.get("opt_param_scheduler"), folder)
 
 
-def _check_same_model(args, model_cfg) -> None:
-    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
-
-    path = os.path.join(args.load, "model.json")
-    if not os.path.isfile(path) or os.path.abspath(path) == os.path.abspath(args.mm_model):
+def _check_same_model(load: str, mm_model: str, model_cfg) -> None:
+    path = os.path.join(load, "model.json")
+    if not os.path.isfile(path) or os.path.abspath(path) == os.path.abspath(mm_model):
         return
     saved = Qwen2VLConfig.load(path)
     diffs = [f"{part}.{key} {getattr(getattr(model_cfg, part), key)} (checkpoint: "
@@ -118,11 +131,11 @@ def _check_same_model(args, model_cfg) -> None:
              for part, keys in _SHAPE_KEYS.items() for key in keys
              if getattr(getattr(model_cfg, part), key) != getattr(getattr(saved, part), key)]
     if diffs:
-        raise UserError(f"--mm-model {args.mm_model} is another model than the checkpoint {args.load} "
+        raise UserError(f"--mm-model {mm_model} is another model than the checkpoint {load} "
                         f"({path}): {', '.join(diffs)}; use the checkpoint's model.json as MM_MODEL")
 
 
-def _check_readable(path: str, args, tag) -> None:
+def _check_readable(path: str, load: str, tag) -> None:
     """A torch.save file is a zip: a truncated one has no central directory (found without reading it)."""
     problem = None
     if not os.path.isfile(path):
@@ -136,7 +149,7 @@ def _check_readable(path: str, args, tag) -> None:
     if problem:
         hint = ""
         if tag != "release":
-            earlier = [n for n in _saved_iterations(args.load) if n < int(tag)]
+            earlier = [n for n in _saved_iterations(load) if n < int(tag)]
             hint = (f"; load the previous checkpoint with --ckpt-step {earlier[-1]} (ITERATION={earlier[-1]} ...)"
                     if earlier else "; no earlier checkpoint is in this folder")
         raise UserError(f"--load: {path} is {problem}{hint}")
@@ -158,18 +171,19 @@ def _read_train_state(folder: str):
         raise UserError(f"{path}: unreadable ({exc})") from None
 
 
-def check_resume(args, iteration: int, saved_schedule, source: str) -> None:
+def check_resume(config: TrainingConfig, iteration: int, saved_schedule, source: str) -> None:
     """--train-iters beyond the saved iteration, and the schedule flags against the saved schedule."""
-    if iteration >= args.train_iters:
-        raise UserError(f"--train-iters {args.train_iters}: the checkpoint {source} is already at iteration "
+    s = config.schedule
+    if iteration >= s.train_iters:
+        raise UserError(f"--train-iters {s.train_iters}: the checkpoint {source} is already at iteration "
                         f"{iteration}, so there is nothing to train; to train further raise --train-iters "
                         f"and add --override-opt-param-scheduler (new schedule) or "
                         f"--use-checkpoint-opt-param-scheduler (keep the saved one)")
-    if saved_schedule is None or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+    if saved_schedule is None or s.override_opt_param_scheduler or s.use_checkpoint_opt_param_scheduler:
         return
-    diffs = [f"{flag} gives {_fmt(getattr(args, attr))}, saved {_fmt(saved_schedule[key])}"
-             for key, flag, attr in SCHEDULE_KEYS
-             if key in saved_schedule and not _same(getattr(args, attr), saved_schedule[key])]
+    diffs = [f"{flag} gives {_fmt(value(config))}, saved {_fmt(saved_schedule[key])}"
+             for key, flag, value in SCHEDULE_KEYS
+             if key in saved_schedule and not _same(value(config), saved_schedule[key])]
     if diffs:
         raise UserError(f"the learning-rate schedule differs from the checkpoint's ({source}): {'; '.join(diffs)}; "
                         f"add --override-opt-param-scheduler to follow these flags from iteration {iteration} on, "
@@ -194,8 +208,8 @@ def describe_schedule(scheduler, source: str) -> str:
 
 
 # ---- the save folder -----------------------------------------------------------
-def check_save_dir(args, model_cfg, probe_lock: bool = True) -> None:
-    save = args.save
+def check_save_dir(config: TrainingConfig, model_cfg, probe_lock: bool = True) -> None:
+    save = config.checkpoints.save
     try:
         os.makedirs(save, exist_ok=True)
         probe = os.path.join(save, f".write-test-{os.getpid()}")
@@ -207,7 +221,7 @@ def check_save_dir(args, model_cfg, probe_lock: bool = True) -> None:
     except OSError as exc:
         raise UserError(f"--save {save}: not writable ({exc.strerror or exc}); SAVE_PATH must be a folder this "
                         f"user can write") from None
-    need = checkpoint_bytes(model_cfg, args)
+    need = checkpoint_bytes(model_cfg, config)
     free = shutil.disk_usage(save).free
     if free < need:
         raise UserError(f"--save {save}: {free / 1e9:.1f} GB free, but one checkpoint of this model takes about "
@@ -269,20 +283,19 @@ def approx_parameters(cfg) -> int:
     return vit + projector + llm + embeddings
 
 
-def checkpoint_bytes(cfg, args) -> int:
+def checkpoint_bytes(cfg, config: TrainingConfig) -> int:
     """One saved checkpoint: weights in the training precision, plus fp32 main params and Adam's two
     moments (bf16/fp16) or the two moments (fp32) unless --no-save-optim."""
-    weight = 4 if args.precision == "fp32" else 2
-    optim = 0 if args.no_save_optim else (8 if args.precision == "fp32" else 12)
+    precision = config.optimization.precision
+    weight = 4 if precision == "fp32" else 2
+    optim = 0 if config.checkpoints.no_save_optim else (8 if precision == "fp32" else 12)
     return approx_parameters(cfg) * (weight + optim)
 
 
-def write_train_state(iter_dir: str, iteration: int, scheduler, args) -> None:
+def write_train_state(iter_dir: str, iteration: int, scheduler, config: TrainingConfig) -> None:
     """Beside the rank files: what the launcher's checks need without loading them."""
-    from checkpoint.layout import write_atomically, write_layout
-
-    write_layout(iter_dir, args.tensor_model_parallel_size, args.stage_layers)
-    state = {"iteration": iteration, "train_iters": args.train_iters,
+    write_layout(iter_dir, config.parallel.tensor_model_parallel_size, config.stage_layers)
+    state = {"iteration": iteration, "train_iters": config.schedule.train_iters,
              "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None}
     write_atomically(os.path.join(iter_dir, TRAIN_STATE_FILE), json.dumps(state, indent=1) + "\n")
 
