@@ -48,6 +48,16 @@ def test_config_is_frozen_and_derives_its_values():
         cfg.schedule.lr = 1.0
 
 
+def test_sequence_parallel_at_tp1_is_dropped_with_one_warning():
+    # Megatron-LM's meaning: nothing to split at TP=1; with TP > 1 it stays on.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = _validated(["--sequence-parallel"])
+    assert not cfg.parallel.sequence_parallel and not cfg.parallel.model_settings().sequence_parallel
+    assert len(caught) == 1 and "--sequence-parallel is ignored" in str(caught[0].message)
+    assert _validated(["--sequence-parallel", "--tensor-model-parallel-size", "2"]).parallel.sequence_parallel
+
+
 def test_guide_only_flags_are_ignored_with_one_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -69,7 +79,6 @@ def test_guide_only_flags_are_ignored_with_one_warning():
     (["--min-lr", "1", "--lr", "0.1"], 8, "--min-lr"),
     (["--save-interval", "5"], 8, "--save-interval needs --save"),
     (["--context-parallel-size", "2"], 8, "context parallelism"),
-    (["--sequence-parallel"], 8, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
 ])
 def test_impossible_combinations_are_one_line_errors(extra, world, needle):
     with pytest.raises(UserError) as err:

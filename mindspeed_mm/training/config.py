@@ -8,6 +8,8 @@ micro-batches per iteration, layers per stage, warmup steps, ...) is a property,
 set afterwards.  No megatron import here: the launcher's ``--preflight`` runs this too.
 """
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import FrozenSet, List, Optional, Tuple
 
@@ -210,6 +212,13 @@ def from_flags(flags: dict, ignored_flags=()) -> TrainingConfig:
 def validate(config: TrainingConfig, model_cfg, world_size: int) -> TrainingConfig:
     """Check the flags against each other, the model and the world size; the bound config."""
     parallel = dataclasses.replace(config.parallel, world_size=world_size, model_layers=model_cfg.text.num_layers)
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
+        # Megatron-LM's meaning of the flag: at TP=1 there is nothing to split, so it is dropped (one warning);
+        # the model itself refuses sequence parallelism at TP=1 (ParallelSettings).
+        if int(os.environ.get("RANK", "0")) == 0:
+            warnings.warn("--sequence-parallel is ignored at --tensor-model-parallel-size 1 (nothing to split)",
+                          stacklevel=2)
+        parallel = dataclasses.replace(parallel, sequence_parallel=False)
     config = dataclasses.replace(config, parallel=parallel)
     _check_layout(config, model_cfg)
     _check_batches(config.batches)
@@ -243,8 +252,7 @@ def _check_layout(config: TrainingConfig, model_cfg) -> None:
     model_cfg.check_parallel(tp)
     if p.recompute_granularity == "full" and p.recompute_num_layers is not None and p.recompute_num_layers < 0:
         raise UserError("--recompute-num-layers must be >= 1")
-    # The model's own rules, checked as ParallelSettings is built: sequence parallelism needs TP > 1,
-    # recompute combinations, the split.
+    # The model's own rules, checked as ParallelSettings is built: recompute combinations, the split.
     p.model_settings()
 
 
