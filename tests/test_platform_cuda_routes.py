@@ -5,8 +5,10 @@ attribute chains ``torch.cuda.X[.Y]``, aliases (``import torch.cuda.nvtx as
 nvtx``, ``from torch import cuda``) and ``from torch.cuda import X``.  Each name
 must be in ``cpu_adapter.ROUTES`` (patched), ``HARMLESS`` or ``UNREACHABLE``;
 an account entry megatron no longer uses fails too, so a megatron upgrade is
-caught here.  The routes are then exercised for real in a fresh process that
-sets up the CPU platform before importing megatron, as the entry points do.
+caught here; so is a change to the names megatron binds at import
+(``IMPORT_BINDINGS``).  The routes are then exercised for real in fresh
+processes: the platform set up before megatron is imported, as the entry points
+do, and after (as pytest collection may), where install() rebinds them.
 """
 import ast
 import functools
@@ -282,3 +284,94 @@ def test_routes_work_on_cpu():
     assert sorted(_HARMLESS_PROBED) == sorted(cpu_adapter.HARMLESS), "every harmless name needs a check"
     (failures,) = run_ranks(_exercise_on_cpu, 1, timeout=120, bound=_scan("megatron.core")[1])
     assert not failures, "\n".join(failures)
+
+
+def test_import_bindings_match_megatron():
+    """cpu_adapter.IMPORT_BINDINGS is exactly the routed names megatron-core binds at import."""
+    bound = {(module, local): name for module, local, name in _scan("megatron.core")[1] if name in cpu_adapter.ROUTES}
+    assert cpu_adapter.IMPORT_BINDINGS == bound
+
+
+def _tracker_streams():
+    """Draws outside and inside the tracker's fork() after model_parallel_cuda_manual_seed."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(123, tp_rank=0, ep_rank=0, etp_rank=0)
+    before = torch.rand(4)
+    with get_cuda_rng_tracker().fork():
+        inside = torch.rand(4)
+    after = torch.rand(4)
+    return before, inside, after
+
+
+def _megatron_imported_first(rank, world, bound):
+    """In a fresh process: megatron first (as pytest collection may), then the platform."""
+    import importlib
+
+    for module, _ in cpu_adapter.IMPORT_BINDINGS:
+        importlib.import_module(module)
+    from mindspeed_mm.platform import setup_platform
+
+    setup_platform("cpu")
+    failures = []
+    for probe in [*_ROUTE_PROBES, _harmless, functools.partial(_megatron_on_cpu, bound)]:
+        try:
+            probe()
+        except Exception as exc:
+            failures.append(f"{getattr(probe, '__name__', None) or probe.func.__name__}: {type(exc).__name__}: {exc}")
+    before, inside, after = _tracker_streams()
+    torch.manual_seed(123)  # the default stream model_parallel_cuda_manual_seed set
+    default = torch.rand(12)
+    if torch.equal(inside, default[4:8]):
+        failures.append("fork() did not switch to the tracker's stream")
+    if not (torch.equal(before, default[:4]) and torch.equal(after, default[4:8])):
+        failures.append("fork() did not restore the default stream")
+    again = _tracker_streams()
+    if not all(torch.equal(a, b) for a, b in zip(again, (before, inside, after))):
+        failures.append("tracker streams not reproducible after model_parallel_cuda_manual_seed")
+    return failures
+
+
+def test_megatron_imported_before_the_shim_is_rebound():
+    (failures,) = run_ranks(_megatron_imported_first, 1, timeout=120, bound=_scan("megatron.core")[1])
+    assert not failures, "\n".join(failures)
+
+
+def _unrebindable(rank, world):
+    """A binding install() cannot fix is one clear error, also on a second call."""
+    import sys
+
+    import megatron.core.tensor_parallel.random as tp_random
+
+    from mindspeed_mm.platform import cpu_adapter as adapter
+
+    errors = []
+    tp_random._lazy_call = foreign = lambda fn: None
+    for _ in range(2):
+        try:
+            adapter.install()
+            errors.append(None)
+        except adapter.ImportOrderError as exc:
+            errors.append(str(exc))
+    assert tp_random._lazy_call is foreign
+    tp_random._lazy_call = adapter._ORIGINALS["_lazy_call"]
+    # a binding IMPORT_BINDINGS lacks (a megatron upgrade): named, not silently left unrouted
+    fake = type(sys)("megatron.core.fake_upgrade")
+    fake.synchronize = adapter._ORIGINALS["synchronize"]
+    sys.modules[fake.__name__] = fake
+    try:
+        adapter.install()
+        errors.append(None)
+    except adapter.ImportOrderError as exc:
+        errors.append(str(exc))
+    del sys.modules[fake.__name__]
+    adapter.install()
+    assert tp_random._lazy_call is torch.cuda._lazy_call
+    return errors
+
+
+def test_unrebindable_binding_is_one_clear_error():
+    (errors,) = run_ranks(_unrebindable, 1, timeout=120)
+    assert all(e and "setup_platform('cpu') before importing megatron-core" in e for e in errors), errors
+    assert "megatron.core.tensor_parallel.random._lazy_call" in errors[0] and errors[0] == errors[1]
+    assert "megatron.core.fake_upgrade.synchronize (torch.cuda.synchronize)" in errors[2]

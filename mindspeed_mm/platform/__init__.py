@@ -1,7 +1,8 @@
 """The one place that knows about devices: NPU, CUDA or CPU.
 
 Call :func:`setup_platform` before importing megatron-core (it has to patch
-``torch.cuda`` on the CPU and load ``torch_npu`` on Ascend).  Everything else
+``torch.cuda`` on the CPU and load ``torch_npu`` on Ascend; on the CPU a megatron
+imported first is rebound, see ``cpu_adapter.IMPORT_BINDINGS``).  Everything else
 asks :func:`current_platform` instead of probing devices itself.
 """
 import importlib

@@ -9,8 +9,14 @@ equivalents, so the unmodified engine (parallel layers, schedules, DDP,
 optimizers) runs on gloo processes.
 
 Installed once by :func:`mindspeed_mm.platform.setup_platform` when the
-device is the CPU; never on CUDA or NPU.  Must run before megatron-core is
-imported, because megatron binds some of these names at import time.
+device is the CPU; never on CUDA or NPU.  megatron-core binds a few of these
+names at import (``IMPORT_BINDINGS``): if it was imported first, install()
+rebinds them, or stops with one error where it cannot.
+
+Plain torch/transformers code must compute exactly what it computes without
+the shim (tests/test_platform_shim_side_effects.py): the factory wrappers are
+made known to torch's ``with torch.device(...)`` mode, which recognises
+factories by identity.
 
 Every ``torch.cuda`` name megatron-core uses is declared below: ``ROUTES``
 (patched), ``HARMLESS`` or ``UNREACHABLE``; tests/test_platform_cuda_routes.py
@@ -18,11 +24,13 @@ checks that account against a scan of the installed megatron-core.
 """
 import contextlib
 import functools
+import sys
 import time
 
 import torch
 
 _INSTALLED = False
+_ORIGINALS = {}  # dotted torch.cuda name -> the object ROUTES replaced
 CPU = torch.device("cpu")
 
 # Tensor factories that megatron-core calls with a CUDA device.
@@ -175,8 +183,19 @@ ROUTES = {
     "manual_seed_all": _manual_seed,  # torch.manual_seed calls it: seed the generator directly
     "default_generators": _Generators(),
     # Without CUDA, torch queues lazy calls forever; run them now instead.
-    # tensor_parallel.random binds this name at import: install before importing megatron.
     "_lazy_call": lambda fn, *a, **k: fn(),
+}
+
+# megatron-core modules that bind a routed name at import: (module, local name) -> route.
+# If megatron was imported before install(), these still hold the unrouted torch.cuda
+# objects (tensor_parallel.random's _lazy_call would queue the RNG tracker's state
+# switches forever: dropout on the wrong stream, no error); install() rebinds them.
+# tests/test_platform_cuda_routes.py checks this table against a scan of megatron-core.
+IMPORT_BINDINGS = {
+    ("megatron.core.tensor_parallel.random", "_lazy_call"): "_lazy_call",
+    ("megatron.core.distributed.fsdp.src.megatron_fsdp.utils", "_lazy_call"): "_lazy_call",
+    ("megatron.core.inference.engines.dynamic_engine", "range_push"): "nvtx.range_push",
+    ("megatron.core.inference.engines.dynamic_engine", "range_pop"): "nvtx.range_pop",
 }
 
 # Routed although megatron-core never names them: torch's own code calls them
@@ -228,19 +247,65 @@ def _resolve(dotted: str):
     return owner, attr
 
 
+class ImportOrderError(RuntimeError):
+    """megatron-core was imported before the shim and holds a torch.cuda name install() cannot rebind."""
+
+
+def _rebind_imported(originals: dict) -> None:
+    """Point megatron modules imported before install() at the routes (see IMPORT_BINDINGS)."""
+    for (module, local), dotted in IMPORT_BINDINGS.items():
+        mod = sys.modules.get(module)
+        if mod is None or not hasattr(mod, local):  # not imported yet: it binds the route itself
+            continue
+        value = getattr(mod, local)
+        if value is originals[dotted]:
+            setattr(mod, local, ROUTES[dotted])
+        elif value is not ROUTES[dotted]:
+            raise ImportOrderError(
+                f"{module}.{local} is {value!r}, neither torch.cuda.{dotted} nor its CPU route, so the CPU "
+                f"shim cannot rebind it: call setup_platform('cpu') before importing megatron-core")
+    # A binding the table lacks (a megatron upgrade): fail here, not with silently wrong RNG streams.
+    # Functions and classes only: an empty tuple (default_generators on a CPU build) is shared by all.
+    unrouted = {id(v): d for d, v in originals.items() if callable(v)}
+    stale = sorted(f"{name}.{attr} (torch.cuda.{unrouted[id(v)]})"
+                   for name, mod in list(sys.modules.items())
+                   if name.split(".")[0] == "megatron" and mod is not None
+                   for attr, v in list(vars(mod).items()) if id(v) in unrouted and v is originals[unrouted[id(v)]])
+    if stale:
+        raise ImportOrderError(f"megatron-core was imported before the CPU shim and binds {', '.join(stale)}, "
+                               "which cpu_adapter.IMPORT_BINDINGS does not list: call setup_platform('cpu') "
+                               "before importing megatron-core (and add the binding to IMPORT_BINDINGS)")
+
+
+def _device_mode_constructors() -> set:
+    """The factories ``with torch.device(d)`` / set_default_device recognise, by identity, in a
+    set built once from the torch.* attributes.  Built after the patch it would hold only the
+    wrappers while the mode is handed the originals: factories would ignore the device context
+    (transformers' from_pretrained builds on 'meta', then keeps uninitialised rotary buffers:
+    NaN or slightly-off losses).  Call before patching; install() adds the wrappers."""
+    from torch.utils import _device
+
+    return _device._device_constructors()
+
+
 def install() -> None:
-    """Apply the CPU routing (idempotent)."""
+    """Apply the CPU routing (idempotent); rebind megatron modules imported before it."""
     global _INSTALLED
-    if _INSTALLED:
-        return
-    for name in _FACTORIES:
-        setattr(torch, name, _route_factory(getattr(torch, name)))
-    torch.Tensor.to = _route_to(torch.Tensor.to)
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.Tensor.type = _route_type(torch.Tensor.type)
-    for dotted, replacement in ROUTES.items():
-        setattr(*_resolve(dotted), replacement)
-    _INSTALLED = True
+    if not _INSTALLED:
+        _ORIGINALS.update({dotted: getattr(*_resolve(dotted)) for dotted in ROUTES})
+        constructors = _device_mode_constructors()  # from the originals
+        for name in _FACTORIES:
+            original = getattr(torch, name)
+            setattr(torch, name, _route_factory(original))
+            if original in constructors:  # both identities are factories to the device mode
+                constructors.add(getattr(torch, name))
+        torch.Tensor.to = _route_to(torch.Tensor.to)
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        torch.Tensor.type = _route_type(torch.Tensor.type)
+        for dotted, replacement in ROUTES.items():
+            setattr(*_resolve(dotted), replacement)
+        _INSTALLED = True
+    _rebind_imported(_ORIGINALS)  # every call: an ImportOrderError stays one until fixed
 
 
 def installed() -> bool:
