@@ -76,3 +76,22 @@ def test_every_row_has_a_known_split_and_every_name_is_unique():
     hf_names = [h for e in QWEN2VL.entries(cfg) for h in e.hf]
     assert len(names) == len(set(names)) and len(hf_names) == len(set(hf_names))
     assert {row.split for row in QWEN2VL.mapping.rows} <= set(EXPECTED_ATTRS)
+
+
+def test_load_model_config_reads_every_form_by_its_family(tmp_path):
+    import json
+
+    from mindspeed_mm.models import load_model_config
+    from tests.hf_reference import hf_config, our_config
+
+    cfg = our_config(hf_config())
+    cfg.save(str(tmp_path / "model.json"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config().to_dict()))
+    assert load_model_config(str(tmp_path)) == cfg  # a converted checkpoint's folder
+    assert load_model_config(str(tmp_path / "model.json")) == cfg
+    assert load_model_config(str(tmp_path / "hf" / "config.json")).text == cfg.text
+    from mindspeed_mm.errors import UserError
+
+    with pytest.raises(UserError, match="missing.json"):
+        load_model_config(str(tmp_path / "missing.json"))

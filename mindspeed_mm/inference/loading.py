@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 from mindspeed_mm.data.preprocess import load_processors as data_load_processors
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import load_json
+from mindspeed_mm.models import load_model_config as load_model_config_of
 from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 
 # Tokens the chat format needs, and the config field that must agree with the tokenizer.
@@ -28,7 +29,7 @@ def load_model_config(load: str, mm_model: Optional[str], params_dtype: Optional
     path = mm_model or os.path.join(load, "model.json")
     if mm_model is None and not os.path.isfile(path):
         raise UserError(f"--load {load}: no model.json in the checkpoint; name the architecture with --mm-model")
-    cfg = Qwen2VLConfig.load(path)
+    cfg = load_model_config_of(path)
     if params_dtype:
         cfg.dtype = params_dtype
     return cfg

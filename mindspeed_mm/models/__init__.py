@@ -31,3 +31,19 @@ def spec_for_hf_config(hf_config: dict) -> ModelSpec:
     whose one-line error names what it found."""
     model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     return SPECS.get(model_type, QWEN2VL)
+
+
+def load_model_config(path: str):
+    """A model JSON, a converted checkpoint's folder (its model.json) or an HF config.json, read by its
+    family's config class.  Our model.json names no family yet, so it is Qwen2-VL's; a file that
+    cannot be read goes to Qwen2-VL's reader too, whose one-line error names the problem."""
+    import json
+    import os
+
+    file = os.path.join(path, "model.json") if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None
+    return spec_for_hf_config(data).config_cls.load(path)

@@ -8,15 +8,15 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mindspeed_mm.constants import torch_dtype
-from mindspeed_mm.models.qwen2vl.model import Qwen2VLModel
+from mindspeed_mm.models import spec_of
 from mindspeed_mm.training.config import TrainingConfig
 
 
 def build_model(config: TrainingConfig, model_cfg):
-    """This rank's pipeline stage of Qwen2-VL wrapped in megatron DDP."""
+    """This rank's pipeline stage of the model (its family's spec builds it) wrapped in megatron DDP."""
     model_cfg = dataclasses.replace(model_cfg, dtype=config.optimization.precision)  # parameters in the training precision
-    model = Qwen2VLModel(
-        model_cfg, parallel=config.parallel.model_settings(),
+    model = spec_of(model_cfg).build_stage(
+        model_cfg, config.parallel.model_settings(),
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     model.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask for (as Megatron-LM's get_model)
     # Frozen parts (model JSON freeze_*) have requires_grad=False: no gradient buffer,

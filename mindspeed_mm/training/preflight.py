@@ -25,7 +25,7 @@ from checkpoint.layout import (MODEL_FILE, TRACKER, format_layout, iteration_dir
                                write_atomically, write_layout)
 from mindspeed_mm.data.config import validate_data_json
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
+from mindspeed_mm.models import load_model_config
 from mindspeed_mm.training.config import CheckpointConfig, TrainingConfig, validate
 
 LOCK_FILE = ".train.lock"  # in the save folder, held (flock) by rank 0 for the whole run
@@ -60,7 +60,7 @@ def preflight(config: TrainingConfig) -> None:
 def check_run(config: TrainingConfig, world_size: int, node_rank: int = 0, probe_lock: bool = True):
     """All checks.  Returns (the validated config, model_cfg, data_cfg); the config takes the
     pipeline split from the checkpoint when the flags leave it out."""
-    model_cfg = Qwen2VLConfig.load(config.paths.mm_model)
+    model_cfg = load_model_config(config.paths.mm_model)
     data_cfg = validate_data_json(config.paths.mm_data)  # keys, types, dataset files, image folder, tokenizer folder
     checkpoint = _checkpoint_to_load(config.checkpoints) if config.checkpoints.load else None
     if checkpoint is not None:
@@ -125,7 +125,7 @@ def _check_same_model(load: str, mm_model: str, model_cfg) -> None:
     path = os.path.join(load, "model.json")
     if not os.path.isfile(path) or os.path.abspath(path) == os.path.abspath(mm_model):
         return
-    saved = Qwen2VLConfig.load(path)
+    saved = load_model_config(path)
     diffs = [f"{part}.{key} {getattr(getattr(model_cfg, part), key)} (checkpoint: "
              f"{getattr(getattr(saved, part), key)})"
              for part, keys in _SHAPE_KEYS.items() for key in keys

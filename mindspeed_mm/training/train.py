@@ -24,6 +24,7 @@ import torch
 
 from mindspeed_mm.data.builder import build_train_valid_datasets
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.models import spec_of
 from mindspeed_mm.platform import setup_platform
 from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed, with_backend
 from mindspeed_mm.training.batches import Batches
@@ -72,7 +73,7 @@ class Trainer:
                                      device_type=platform.device_type)
         p = config.parallel
         self.report.print(
-            f"training Qwen2-VL on {world} {platform.device_type} process(es): TP={p.tensor_model_parallel_size}"
+            f"training {spec_of(model_cfg).display_name} on {world} {platform.device_type} process(es): TP={p.tensor_model_parallel_size}"
             f" PP={p.pipeline_model_parallel_size} DP={config.data_parallel_size}, LLM layers per stage "
             f"{config.stage_layers}, {config.num_microbatches} micro-batch(es) of {config.batches.micro_batch_size} "
             f"per iteration, {config.optimization.precision}")
