@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from mindspeed_mm.constants import DTYPES, torch_dtype  # noqa: E402  (after the path setup)
 
 
 def build_models(args, device):
@@ -48,7 +48,7 @@ def build_models(args, device):
         overrides["num_hidden_layers"] = text["num_layers"]
     config = tiny_config(**overrides)
     torch.manual_seed(0)
-    hf = Qwen2VLForConditionalGeneration(config).to(device=device, dtype=getattr(torch, TORCH_DTYPES[args.dtype]))
+    hf = Qwen2VLForConditionalGeneration(config).to(device=device, dtype=torch_dtype(args.dtype))
     hf.eval()
 
     cfg = Qwen2VLConfig.from_hf(config.to_dict())
@@ -102,7 +102,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-image", action="store_true", help="a text-only prompt")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "npu"))
-    p.add_argument("--dtype", default="fp32", choices=tuple(TORCH_DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--hidden-size", type=int, help="LLM width (default: the tiny config's)")
     p.add_argument("--num-layers", type=int, help="LLM layers (default: the tiny config's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -24,6 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mindspeed_mm.constants import IGNORE_INDEX  # noqa: E402  (after the path setup)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4), ("GH200", 989.4),
@@ -59,7 +61,7 @@ def make_sample(cfg, seq_length: int, image_size: int, device, dtype):
     ids[prefix + 1:prefix + 1 + image_tokens] = cfg.image_token_id
     ids[prefix + 1 + image_tokens] = cfg.vision_end_token_id
     ids = ids[None]
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, seq_length // 2:] = ids[:, seq_length // 2:]
     mask = torch.ones_like(ids)
     position_ids, _ = get_rope_index(ids, grid, mask, spatial_merge_size=v.spatial_merge_size,

@@ -19,7 +19,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mindspeed_mm.jsonio import write_json_atomic  # noqa: E402  (after the path setup)
+from mindspeed_mm.constants import IMAGE_PLACEHOLDER  # noqa: E402  (after the path setup)
+from mindspeed_mm.jsonio import write_json_atomic  # noqa: E402
 
 # A Megatron-style progress line: "iteration   12/  200 | ... | lm loss: 1.234E+00 |"
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([-+0-9.naninfE]+) \|")
@@ -122,7 +123,7 @@ def report(args) -> None:
                   f"over iterations {both[0]}-{both[-1]}: {gap:.1e}")
     print(f"answers on training images: {sum(correct)}/{len(rows)} correct (exact match)")
     for r, ok in list(zip(rows, correct))[:args.show]:
-        question = " ".join(r["prompt"].replace("<image>", "").split())
+        question = " ".join(r["prompt"].replace(IMAGE_PLACEHOLDER, "").split())
         print(f"  [{'ok' if ok else 'X '}] Q: {question}")
         print(f"       expected: {r['reference']}")
         print(f"       model:    {r['response']}")
