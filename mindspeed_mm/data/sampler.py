@@ -12,6 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def shuffled_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Epoch ``epoch``'s order of ``num_samples`` samples: a permutation seeded by (seed, epoch)."""
+    if shuffle:
+        return np.random.default_rng([seed, epoch]).permutation(num_samples)
+    return np.arange(num_samples)
+
+
 class ResumableBatchSampler:
     def __init__(self, num_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  consumed_samples: int = 0, shuffle: bool = True, seed: int = 1234, drop_last: bool = True):
@@ -30,10 +37,7 @@ class ResumableBatchSampler:
         self.samples_per_epoch = (full + (rest > 0 and not drop_last)) * self.global_batch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        else:
-            order = np.arange(self.num_samples)
+        order = shuffled_order(self.num_samples, self.seed, epoch, self.shuffle)
         if self.samples_per_epoch > self.num_samples:
             order = np.resize(order, self.samples_per_epoch)  # repeats from the start
         return order[: self.samples_per_epoch]
