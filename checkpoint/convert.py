@@ -1,8 +1,11 @@
 """The two conversions as library functions: HF -> ours (any TP x PP) and ours -> HF.
 
 Both stream: HF -> ours builds one rank file at a time, each tensor read from
-the safetensors files when that rank needs it; ours -> HF memory-maps the rank
-files and merges one tensor at a time into safetensors shards.  Every input is
+the safetensors files when that rank needs it (as byte ranges copied in the
+kernel, checkpoint/copy_plan.py, unless a dtype cast needs the values); ours ->
+HF writes each safetensors shard from byte ranges of the rank files
+(checkpoint/export_plan.py; merged and transformed in memory, one tensor at a
+time, only for a cast or what the byte ranges cannot describe).  Every input is
 checked before anything is written, and the output folder appears only when
 complete (checkpoint/staging.py).
 """
@@ -20,11 +23,13 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import torch
 
 from checkpoint.copy_plan import OpenFiles, rank_specs
+from checkpoint.export_plan import plan_export, read_rank_files, supported
 from checkpoint.hf_io import (
     HFCheckpoint,
     copy_hf_side_files,
     read_hf_config,
     write_hf_shards,
+    write_hf_shards_streamed,
 )
 from checkpoint.megatron_io import (
     find_layout,
@@ -165,8 +170,20 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
         summary.parameters += t.numel()
         return t.to(cast) if cast is not None else t
 
+    # Byte copies from the rank files unless a dtype cast needs the tensors in memory.
+    rank_files = None
+    if cast is None or {t.dtype for s in states.values() for t in s.values() if isinstance(t, torch.Tensor)} == {cast}:
+        rank_files = read_rank_files({r: layout.rank_file(*r) for r in layout.ranks()})
     with staged_dir(save_dir) as tmp, _progress(len(hf_state), progress) as tick:
-        files = write_hf_shards(tmp, list(hf_state), get, max_shard_bytes, on_tensor=tick)
+        pieces = plan_export(spec, cfg, full, rank_files, slow=get) if rank_files is not None else None
+        if pieces is not None and supported(pieces):
+            summary.parameters = sum(math.prod(p.shape) for p in pieces.values())
+            with OpenFiles() as sources:
+                files = write_hf_shards_streamed(tmp, list(hf_state), pieces, max_shard_bytes, sources,
+                                                 on_tensor=tick)
+        else:
+            summary.parameters = 0
+            files = write_hf_shards(tmp, list(hf_state), get, max_shard_bytes, on_tensor=tick)
         summary.files = files + copy_hf_side_files(hf_dir, tmp)
         if params_dtype:
             with writing(os.path.join(tmp, "config.json")):

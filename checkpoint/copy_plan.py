@@ -7,8 +7,9 @@ ids (1 + row number over the row's HF inputs; 0 = a padding row of zeros)
 therefore yields, for each rank tensor, which source rows it is made of.
 Consecutive rows are merged into one range and copied with
 ``os.copy_file_range`` (as ``cp`` does), so tensor data never passes through
-Python; row-parallel pieces (a column range of every row) are read as one
-range and their columns written in one piece.  Only used when no dtype
+Python; row-parallel pieces (a column range of every row) are read with one
+scattered ``preadv`` (the wanted columns into one reused buffer) and written
+in one piece.  Only used when no dtype
 cast is asked for; otherwise the in-memory path of checkpoint/convert.py runs.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import threading
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from checkpoint.torch_zip import TensorSpec
@@ -127,11 +127,58 @@ def _filler(runs: List[Run], files: OpenFiles, tick: Callable[[], None]) -> Call
             elif columns is None:
                 _copy_range(files.fd(path), dst, offset, count)
             else:
-                row_bytes, begin, width = columns
-                rows = np.frombuffer(_pread(files.fd(path), count, offset), np.uint8).reshape(-1, row_bytes)
-                _write_all(dst, np.ascontiguousarray(rows[:, begin:begin + width]).data)
+                _copy_columns(files.fd(path), dst, offset, count, *columns)
         tick()
     return fill
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_buffers = threading.local()
+
+
+def _buffer(name: str, size: int) -> memoryview:
+    """A per-thread reusable buffer (no fresh pages to fault in for every tensor)."""
+    buf = getattr(_buffers, name, None)
+    if buf is None or len(buf) < size:
+        buf = bytearray(size)
+        setattr(_buffers, name, buf)
+    return memoryview(buf)[:size]
+
+
+def _copy_columns(src: int, dst: int, offset: int, count: int, row_bytes: int, begin: int, width: int) -> None:
+    """Append the column range [begin, begin + width) of every row of ``src[offset:offset + count]``: one
+    scattered read (``preadv``: the wanted columns into one buffer, the rest into a scratch one), one write."""
+    rows = count // row_bytes
+    want = _buffer("want", rows * width)
+    skip = row_bytes - width
+    scratch = _buffer("scratch", max(skip, 1))[:skip]
+    iov, at = [], offset
+    if begin:
+        iov.append(scratch[:begin])
+    for r in range(rows):
+        iov.append(want[r * width:(r + 1) * width])
+        tail = skip if r + 1 < rows else row_bytes - begin - width
+        if tail:
+            iov.append(scratch[:tail])
+        if len(iov) >= _IOV_MAX - 2 or r + 1 == rows:
+            nbytes = sum(len(v) for v in iov)
+            got = os.preadv(src, iov, at)
+            if got != nbytes:  # a short read: finish this batch with plain reads
+                _preadv_rest(src, iov, at, got)
+            at += nbytes
+            iov = []
+    _write_all(dst, want)
+
+
+def _preadv_rest(fd: int, iov, at: int, got: int) -> None:
+    for v in iov:
+        n = len(v)
+        if got >= n:
+            got -= n
+        else:
+            v[got:] = _pread(fd, n - got, at + got)
+            got = 0
+        at += n
 
 
 def _copy_range(src: int, dst: int, offset: int, count: int) -> None:

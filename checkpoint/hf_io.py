@@ -158,6 +158,38 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
     return final + [INDEX]
 
 
+def write_hf_shards_streamed(out_dir: str, names: List[str], pieces: Mapping[str, object], max_shard_bytes: int,
+                             sources, on_tensor: Optional[Callable[[], None]] = None) -> List[str]:
+    """As :func:`write_hf_shards`, the same shards and bytes, each tensor copied from the rank files by its
+    checkpoint/export_plan.py piece instead of built in memory."""
+    from checkpoint.export_plan import shard_groups, write_safetensors
+
+    groups = shard_groups(names, lambda n: pieces[n].nbytes, max_shard_bytes)
+    final = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    workers = max(1, min(2, os.cpu_count() or 1))
+
+    def write(i):
+        path = os.path.join(out_dir, final[i])
+        with writing(path):
+            write_safetensors(path, {n: pieces[n] for n in groups[i]}, sources,
+                              workers=1 if len(groups) > 1 else workers, on_tensor=on_tensor)
+
+    if len(groups) > 1 and workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(write, range(len(groups))))
+    else:
+        for i in range(len(groups)):
+            write(i)
+    weight_map = {n: final[i] for i, group in enumerate(groups) for n in group}
+    total = sum(pieces[n].nbytes for n in names)
+    with writing(os.path.join(out_dir, INDEX)):
+        write_json_atomic(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map},
+                          indent=2)
+    return final + [INDEX]
+
+
 def copy_hf_side_files(hf_dir: str, out_dir: str) -> List[str]:
     """Config, tokenizer, processor, generation and chat-template files: every top-level file but weights.
     Contents only (not the source's permissions): the copies get the umask's mode, as written files do."""

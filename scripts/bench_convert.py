@@ -1,13 +1,18 @@
-"""Conversion speed and memory on a 2B-shaped checkpoint, next to `cp -r` of the same HF folder.
+"""Conversion and export, end to end as a user runs them, next to `cp -r` of the same folder.
 
-    python scripts/bench_convert.py                     # the guide's split: TP=1, --pipeline-layer-index 0 0 10 20
+    python scripts/bench_convert.py --export            # guide split at TP 1 and TP 2, and the export of each
     python scripts/bench_convert.py --layouts "1:0" "2:0 0 10 20" --export
 
 Generates Qwen2-VL-2B-shaped random bf16 weights (~4.4 GB, two safetensors shards
 and the hub's flat config.json) into a temporary folder, deleted at the end.  Each
-measurement runs in a fresh process, after `sync`, with the HF files in the page
-cache for both `cp -r` and the conversion; the best of --repeat runs is kept.
-Targets (issue 4): conversion time <= 1.5x `cp -r`, peak RSS < 2.5x the largest rank file.
+measurement is the whole command in a fresh process (bash examples/qwen2vl/modelconvert.sh
+for HF -> ours, python examples/qwen2vl/qwen2vl_convert_to_hf.py for the export; Python and
+torch start-up included), against `cp -r` of that command's input folder, both with the
+input in the page cache (one untimed run first), the output removed and `sync`ed before
+each run; the best of --repeat runs is kept.  Peak memory is the command's own peak RSS
+(wait4's ru_maxrss; this parent never imports torch, so nothing big is inherited),
+against the largest file it writes.  Targets (issue 13): <= 1.5x `cp -r`, peak RSS < 2.5x
+the largest file written.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,22 +29,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-# Runs in a child process so its peak RSS is the conversion's own.
-_CHILD = """
-import json, sys, time
-sys.path.insert(0, {root!r})
-from checkpoint.convert import convert_hf_to_mm, convert_mm_to_hf
-start = time.time()
-kwargs = json.loads(sys.argv[2])
-if sys.argv[1] == "to_mm":
-    s = convert_hf_to_mm(progress=False, **kwargs)
-else:
-    s = convert_mm_to_hf(progress=False, **kwargs)
-# VmHWM: this process image's own peak (ru_maxrss would include the parent's memory inherited by fork)
-hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({{"seconds": time.time() - start, "max_rss": hwm, "summary": str(s)}}))
-"""
 
 
 def hub_config(cfg) -> dict:
@@ -105,85 +95,121 @@ def _sync_and_clear(*paths):
     os.sync()
 
 
-def time_cp(src: str, dst: str) -> float:
-    _sync_and_clear(dst)
-    start = time.time()
-    subprocess.run(["cp", "-r", src, dst], check=True)
-    took = time.time() - start
-    _sync_and_clear(dst)
-    return took
+def timed(cmd, env=None):
+    """(wall seconds, peak RSS bytes, stdout) of one command, run as a user runs it."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, **(env or {})))
+        _, status, rusage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss: its peak RSS, KiB)
+        took = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read()}")
+        return took, rusage.ru_maxrss * 1024, out.read()
 
 
-def run_child(direction: str, kwargs: dict) -> dict:
-    _sync_and_clear(kwargs["save_dir"])
-    start = time.time()
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT), direction, json.dumps(kwargs)],
-                         check=True, capture_output=True, text=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["wall"] = time.time() - start  # with interpreter and torch start-up, as a CLI call
-    return result
+def best_of(n, run, clear):
+    """Best of n runs of ``run()`` -> (seconds, rss, out); ``clear()`` before each (and one warm-up run)."""
+    results = []
+    for i in range(n + 1):
+        clear()
+        r = run()
+        if i:  # the first run only warms the page cache
+            results.append(r)
+    return min(results, key=lambda r: r[0])
 
 
 def largest_file(folder: str) -> int:
     return max(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def _in_process(out: str) -> float:
+    m = re.search(r" in ([0-9.]+)s -> ", out)
+    return float(m.group(1)) if m else float("nan")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-json", default=os.path.join(ROOT, "examples/qwen2vl/model_2b.json"))
-    ap.add_argument("--layouts", nargs="+", default=["1:0 0 10 20"],
+    ap.add_argument("--layouts", nargs="+", default=["1:0 0 10 20", "2:0 0 10 20"],
                     help="TP:pipeline-layer-index, e.g. '1:0' (no PP) or '2:0 0 10 20'")
-    ap.add_argument("--repeat", type=int, default=2, help="best of N runs for cp and each conversion")
-    ap.add_argument("--export", action="store_true", help="also time the export back to HF (first layout)")
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs (after one warm-up) for every command")
+    ap.add_argument("--export", action="store_true", help="also time the export back to HF from every layout")
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--json", help="also write the figures here (scripts/bench_report.py rows)")
+    ap.add_argument("--generate", help=argparse.SUPPRESS)  # child mode: write the random HF folder here
     args = ap.parse_args(argv)
+    if args.generate:
+        size = make_random_hf(args.generate, args.model_json)
+        print(size)
+        return 0
 
     free = shutil.disk_usage(args.tmp).free
-    need = 4 * 4.6e9  # HF folder, its copy, our checkpoint (+ tied copy), an export
+    need = (3 + 2 * len(args.layouts)) * 5e9  # HF folder, its copy, our checkpoints, their copies, an export
     if free < need:
         print(f"error: {args.tmp}: {free / 1e9:.1f} GB free, the benchmark needs {need / 1e9:.0f} GB", file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="bench_convert_", dir=args.tmp)
     try:
-        hf, copy, mm, out = (os.path.join(work, n) for n in ("hf", "cp", "mm", "hf_out"))
+        hf, copy, out = (os.path.join(work, n) for n in ("hf", "cp", "hf_out"))
         start = time.time()
-        size = make_random_hf(hf, args.model_json)
+        size = int(subprocess.run([sys.executable, os.path.abspath(__file__), "--generate", hf, "--model-json",
+                                   args.model_json], check=True, capture_output=True, text=True).stdout.split()[-1])
         print(f"generated {size / 1e9:.2f} GB of random bf16 weights in {time.time() - start:.0f}s", flush=True)
-        cp = min(time_cp(hf, copy) for _ in range(args.repeat))
-        print(f"cp -r: {cp:.2f}s", flush=True)
-        rows = []
-        for layout in args.layouts:
+        cp_cache = {}
+
+        def cp_of(src):
+            if src not in cp_cache:
+                cp_cache[src] = best_of(args.repeat, lambda: timed(["cp", "-r", src, copy]),
+                                        lambda: _sync_and_clear(copy))[0]
+                _sync_and_clear(copy)
+            return cp_cache[src]
+
+        rows = []  # (name, seconds, in-process seconds, cp seconds, input bytes, peak rss, largest file written)
+        for layout in args.layouts:  # one checkpoint on disk at a time: the page cache holds what is timed
             tp, index = layout.split(":")
-            kwargs = dict(load_dir=hf, save_dir=mm, tensor_parallel_size=int(tp),
-                          pipeline_layer_index=[int(i) for i in index.split()])
-            runs = [run_child("to_mm", kwargs) for _ in range(args.repeat)]
-            best = min(runs, key=lambda r: r["seconds"])
-            rank_file = largest_file(os.path.join(mm, "release"))
-            rows.append((f"HF->MM TP={tp} layer index [{index}]", best, rank_file))
-            print(best["summary"], flush=True)
-            if args.export and layout == args.layouts[0]:
-                exp = min((run_child("to_hf", dict(load_dir=mm, save_dir=out, hf_dir=hf))
-                           for _ in range(args.repeat)), key=lambda r: r["seconds"])
-                rows.append((f"MM->HF from TP={tp} [{index}]", exp, largest_file(out)))
-                _sync_and_clear(out)
-            _sync_and_clear(mm)
-        print(f"\n{'conversion':38s} {'time':>7s} {'x cp':>6s} {'CLI wall':>9s} {'peak RSS':>9s} "
-              f"{'largest file':>12s} {'RSS/file':>8s}")
-        print(f"{'cp -r of the HF folder':38s} {cp:6.2f}s {1:6.2f}")
-        for name, r, biggest in rows:
-            print(f"{name:38s} {r['seconds']:6.2f}s {r['seconds'] / cp:6.2f} {r['wall']:8.2f}s "
-                  f"{r['max_rss'] / 1e9:8.2f}G {biggest / 1e9:11.2f}G {r['max_rss'] / biggest:8.2f}")
+            mm = os.path.join(work, "mm")
+            cmd = ["bash", "examples/qwen2vl/modelconvert.sh", "--no-progress"]
+            env = dict(LOAD_DIR=hf, SAVE_DIR=mm, TP=tp, PIPELINE_LAYER_INDEX=index)
+            took, rss, stdout = best_of(args.repeat, lambda: timed(cmd, env), lambda: _sync_and_clear(mm))
+            cp = cp_of(hf)
+            rows.append((f"convert HF->MM TP={tp} layer index [{index}]", took, _in_process(stdout), cp,
+                         folder_bytes(hf), rss, largest_file(mm)))
+            print(stdout.strip(), flush=True)
+            if args.export:
+                cmd = [sys.executable, "examples/qwen2vl/qwen2vl_convert_to_hf.py", "--load-dir", mm, "--save-dir",
+                       out, "--hf-dir", hf, "--no-progress"]
+                took, rss, stdout = best_of(args.repeat, lambda: timed(cmd), lambda: _sync_and_clear(out))
+                cp_cache.pop(mm, None)
+                cp = cp_of(mm)
+                rows.append((f"export MM->HF from TP={tp} [{index}]", took, _in_process(stdout), cp,
+                             folder_bytes(mm), rss, largest_file(out)))
+                print(stdout.strip(), flush=True)
+            _sync_and_clear(out, mm)
+        print(f"\n{'command (end to end)':40s} {'wall':>7s} {'cp -r':>7s} {'x cp':>6s} {'in-proc':>8s} "
+              f"{'peak RSS':>9s} {'largest file':>12s} {'RSS/file':>8s}")
+        for name, took, inproc, cp, nbytes, rss, biggest in rows:
+            print(f"{name:40s} {took:6.2f}s {cp:6.2f}s {took / cp:6.2f} {inproc:7.2f}s "
+                  f"{rss / 1e9:8.2f}G {biggest / 1e9:11.2f}G {rss / biggest:8.2f}")
+        print("(cp -r is of each command's input folder: the HF folder for HF->MM, the converted checkpoint "
+              "for the export)")
         if args.json:
             from scripts.bench_report import row, write_rows
 
             out_rows = []
-            for name, r, biggest in rows:
-                out_rows += [row(f"conversion {name}", "s", "lower", r["seconds"], cp, "cp -r of the HF folder"),
-                             row(f"peak RSS {name}", "GB", "lower", r["max_rss"] / 1e9, biggest / 1e9,
+            for name, took, inproc, cp, nbytes, rss, biggest in rows:
+                out_rows += [row(f"{name}, whole command", "s", "lower", took, cp,
+                                 "cp -r of its input folder", f"{nbytes / 1e9:.2f} GB in; in-process {inproc:.2f}s"),
+                             row(f"peak RSS {name}", "GB", "lower", rss / 1e9, biggest / 1e9,
                                  "its largest output file")]
-            write_rows(args.json, f"Qwen2-VL-2B-shaped random bf16 weights, {size / 1e9:.2f} GB ({os.path.basename(args.model_json)})",
-                       out_rows)
+            write_rows(args.json, f"Qwen2-VL-2B-shaped random bf16 weights, {size / 1e9:.2f} GB "
+                                  f"({os.path.basename(args.model_json)}), commands end to end", out_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

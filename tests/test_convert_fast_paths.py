@@ -1,0 +1,105 @@
+"""The export's byte-copy path (checkpoint/export_plan.py) writes the very bytes the in-memory path writes.
+
+Each case exports the same checkpoint twice, once as the CLI does (rank files read as byte ranges) and once
+with that path switched off (tensors merged and transformed in memory, written by safetensors), and
+compares every output file byte for byte: tied and untied, TP 1 and 2, pipeline splits with an empty-LLM
+first stage, bf16, several shards, and rank files written by torch.save itself (one non-contiguous).
+"""
+import os
+
+import pytest
+import torch
+
+from checkpoint import convert, export_plan
+from checkpoint.convert import convert_hf_to_mm, convert_mm_to_hf
+from checkpoint.export_plan import RankFile, safetensors_header
+from tests.test_convert_roundtrip import _write_hf_dir
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hf")
+    return {tied: _write_hf_dir(base / f"tied{int(tied)}", tied, internal_sharded=True) for tied in (False, True)}
+
+
+def _files(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def _export_both(mm, src, out, monkeypatch, **kwargs):
+    """(fast files, slow files, how many tensors the fast path built in memory)."""
+    built = []
+    real_plan = export_plan.plan_export
+
+    def counting_plan(*args, **kw):
+        pieces = real_plan(*args, **kw)
+        built.extend(n for n, p in pieces.items() if p.tensor is not None)
+        return pieces
+
+    monkeypatch.setattr(convert, "plan_export", counting_plan)
+    convert_mm_to_hf(str(mm), str(out / "fast"), str(src), progress=False, **kwargs)
+    monkeypatch.setattr(convert, "read_rank_files", lambda paths: None)  # the in-memory path
+    convert_mm_to_hf(str(mm), str(out / "slow"), str(src), progress=False, **kwargs)
+    monkeypatch.undo()
+    return _files(out / "fast"), _files(out / "slow"), built
+
+
+@pytest.mark.parametrize("tied,tp,layer_index,dtype", [
+    (False, 1, None, None),
+    (True, 1, None, None),
+    (False, 2, [0, 0, 2], None),
+    (True, 2, [0, 1], None),
+    (True, 2, [0, 0, 2], "bf16"),
+])
+def test_export_byte_copies_equal_in_memory_export(hf_dirs, tmp_path, monkeypatch, tied, tp, layer_index, dtype):
+    src, mm = hf_dirs[tied], tmp_path / "mm"
+    convert_hf_to_mm(str(src), str(mm), tensor_parallel_size=tp, pipeline_layer_index=layer_index,
+                     params_dtype=dtype, progress=False)
+    fast, slow, built = _export_both(mm, src, tmp_path, monkeypatch)
+    assert list(fast) == list(slow)
+    for name in fast:
+        assert fast[name] == slow[name], name
+    assert built == ["visual.patch_embed.proj.weight"]  # the only reshape the row ids cannot follow
+
+
+def test_several_shards(hf_dirs, tmp_path, monkeypatch):
+    src, mm = hf_dirs[False], tmp_path / "mm"
+    convert_hf_to_mm(str(src), str(mm), tensor_parallel_size=2, pipeline_layer_index=[0, 1], progress=False)
+    fast, slow, _ = _export_both(mm, src, tmp_path, monkeypatch, max_shard_bytes=200_000)
+    assert len([f for f in fast if f.endswith(".safetensors")]) > 2
+    assert fast == slow
+
+
+def test_rank_files_written_by_torch_save(hf_dirs, tmp_path, monkeypatch):
+    """A training checkpoint (torch.save's own writer, extra entries, a non-contiguous tensor) exports the same."""
+    src, mm = hf_dirs[True], tmp_path / "mm"
+    convert_hf_to_mm(str(src), str(mm), tensor_parallel_size=2, pipeline_layer_index=[0, 1], progress=False)
+    odd = "language_model.decoder.layers.0.mlp.linear_fc2.weight"
+    for rank in sorted((mm / "release").glob("mp_rank_*")):
+        path = rank / "model_optim_rng.pt"
+        saved = torch.load(path, weights_only=False)
+        if odd in saved["model"]:
+            t = saved["model"][odd]
+            saved["model"][odd] = t.t().contiguous().t()  # same values, column-major storage
+            assert not saved["model"][odd].is_contiguous()
+        saved["model"]["language_model.decoder.layers.0.self_attention.core_attention._extra_state"] = None
+        saved["args_like"] = {"lr": 1e-5, "layout": [1, 2]}
+        torch.save(saved, path)
+    records = RankFile(str(mm / "release" / "mp_rank_00_001" / "model_optim_rng.pt")).records
+    assert odd not in records and records  # the non-contiguous one is left to the in-memory path
+    fast, slow, built = _export_both(mm, src, tmp_path, monkeypatch)
+    assert fast == slow
+    # local layer 0 of both stages (global layers 0 and 1) went through memory, the rest as byte ranges
+    assert sorted(built) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                             "visual.patch_embed.proj.weight"]
+
+
+def test_header_is_safetensors_own(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"b": torch.ones(3, dtype=torch.bfloat16), "a": torch.ones(2, 2), "c": torch.ones(1, dtype=torch.float16),
+               "d": torch.ones(5, dtype=torch.bfloat16), "e": torch.ones(2, dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    pieces = {n: export_plan.Piece(t.dtype, t.shape, tensor=t) for n, t in tensors.items()}
+    header, _ = safetensors_header(pieces, {"format": "pt"})
+    assert (tmp_path / "x.safetensors").read_bytes()[:len(header)] == header
