@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from checkpoint.copy_plan import OpenFiles, _merge
+from checkpoint.copy_plan import _IOV_MAX, OpenFiles, _buffer, _merge, _preadv_rest
 from mindspeed_mm.models.mapping import ROW
 from mindspeed_mm.models.sharding import merge_tensor
 
@@ -277,12 +277,29 @@ def write_safetensors(path: str, pieces: Dict[str, Piece], files: OpenFiles, wor
 def _write_piece(fd: int, at: int, p: Piece, files: OpenFiles) -> None:
     if p.tensor is not None:
         _pwrite_all(fd, memoryview(p.tensor.reshape(-1).view(torch.uint8).numpy()), at)
+    elif p.interleave is not None and p.rows is None:
+        # each piece read straight into its column slots of a reused buffer (one scattered preadv per
+        # IOV_MAX rows), then one write
+        rows = p.interleave[0].shape[0]
+        widths = [r.nbytes // rows for r in p.interleave]
+        full = sum(widths)
+        joined = _buffer("joined", rows * full)
+        begin = 0
+        for r, width in zip(p.interleave, widths):
+            src, offset = files.fd(r.path), r.offset
+            for first in range(0, rows, _IOV_MAX):
+                iov = [joined[i * full + begin:i * full + begin + width] for i in range(first, min(rows, first + _IOV_MAX))]
+                nbytes = len(iov) * width
+                got = os.preadv(src, iov, offset)
+                if got != nbytes:
+                    _preadv_rest(src, iov, offset, got)
+                offset += nbytes
+            begin += width
+        _pwrite_all(fd, joined, at)
     elif p.interleave is not None:
         parts = [np.frombuffer(_pread(files.fd(r.path), r.nbytes, r.offset), np.uint8).reshape(r.shape[0], -1)
                  for r in p.interleave]
-        joined = np.concatenate(parts, axis=1)
-        if p.rows is not None:
-            joined = joined[p.rows]
+        joined = np.concatenate(parts, axis=1)[p.rows]
         _pwrite_all(fd, memoryview(np.ascontiguousarray(joined)).cast("B"), at)
     else:
         for path, offset, count, columns in p.runs:
