@@ -15,7 +15,7 @@ import os
 import re
 
 from mindspeed_mm.errors import UserError
-from mindspeed_mm.jsonio import replace_dir, write_text_atomic  # noqa: F401  (replace_dir: part of the layout API)
+from mindspeed_mm.jsonio import write_text_atomic
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -48,20 +48,17 @@ def read_tracker(root: str):
         raise UserError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
 
 
-# Small files (tracker, layout.json, the train state) are replaced atomically by the project's one writer;
-# folders (an iteration, a converted checkpoint) are swapped in by replace_dir.
-write_atomically = write_text_atomic
-
-
+# Small files (tracker, layout.json) are replaced atomically by the project's one writer (jsonio);
+# folders (an iteration, a converted checkpoint) are swapped in by jsonio.replace_dir.
 def write_tracker(root: str, iteration) -> None:
-    write_atomically(os.path.join(root, TRACKER), f"{iteration}\n")
+    write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
 
 
 def write_layout(iter_dir: str, tp: int, stage_layers) -> None:
     """Record TP and the LLM layers of each pipeline stage inside an (unpublished) iteration folder."""
     layout = {"tensor_model_parallel_size": int(tp), "pipeline_model_parallel_size": len(stage_layers),
               "pipeline_num_layers": [int(n) for n in stage_layers]}
-    write_atomically(os.path.join(iter_dir, LAYOUT_FILE), json.dumps(layout) + "\n")
+    write_text_atomic(os.path.join(iter_dir, LAYOUT_FILE), json.dumps(layout) + "\n")
 
 
 def read_layout(iter_dir: str) -> dict:

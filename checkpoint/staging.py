@@ -12,8 +12,8 @@ import os
 import shutil
 from contextlib import contextmanager
 
-from checkpoint.layout import replace_dir
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import replace_dir
 
 
 DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e)

@@ -3,6 +3,9 @@
 Adding a family: a folder beside ``qwen2vl/`` with its config, modules and mapping
 rows, and one line in :data:`SPECS`.
 """
+import json
+import os
+
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.qwen2vl import QWEN2VL
 from mindspeed_mm.models.spec import ModelSpec
@@ -37,9 +40,6 @@ def load_model_config(path: str):
     """A model JSON, a converted checkpoint's folder (its model.json) or an HF config.json, read by its
     family's config class.  Our model.json names no family yet, so it is Qwen2-VL's; a file that
     cannot be read goes to Qwen2-VL's reader too, whose one-line error names the problem."""
-    import json
-    import os
-
     file = os.path.join(path, "model.json") if os.path.isdir(path) else path
     try:
         with open(file, encoding="utf-8") as f:

@@ -20,9 +20,10 @@ import torch
 from megatron.core import parallel_state as ps
 
 from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, TRACKER, iteration_dir, rank_dir,
-                               read_tracker, replace_dir, write_tracker)
+                               read_tracker, write_tracker)
 from checkpoint.staging import disk_full_error
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import replace_dir
 from mindspeed_mm.platform.rng import rng_state, set_rng_state
 from mindspeed_mm.training.checkpoint_metadata import checkpoint_metadata, saved_stage_layers
 from mindspeed_mm.training.config import TrainingConfig

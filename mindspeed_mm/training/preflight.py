@@ -22,9 +22,10 @@ import zipfile
 from operator import attrgetter
 
 from checkpoint.layout import (MODEL_FILE, TRACKER, format_layout, iteration_dir, rank_dir, read_layout, read_tracker,
-                               write_atomically, write_layout)
+                               write_layout)
 from mindspeed_mm.data.config import validate_data_json
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.jsonio import write_text_atomic
 from mindspeed_mm.models import load_model_config
 from mindspeed_mm.training.config import CheckpointConfig, TrainingConfig, validate
 
@@ -297,5 +298,5 @@ def write_train_state(iter_dir: str, iteration: int, scheduler, config: Training
     write_layout(iter_dir, config.parallel.tensor_model_parallel_size, config.stage_layers)
     state = {"iteration": iteration, "train_iters": config.schedule.train_iters,
              "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None}
-    write_atomically(os.path.join(iter_dir, TRAIN_STATE_FILE), json.dumps(state, indent=1) + "\n")
+    write_text_atomic(os.path.join(iter_dir, TRAIN_STATE_FILE), json.dumps(state, indent=1) + "\n")
 
