@@ -13,13 +13,15 @@ from a source mapping, so a conversion never holds more than what it writes.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mindspeed_mm.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # How tensor parallelism splits a parameter (models/sharding.py cuts and joins by it).
 REPLICATED = "replicated"      # every rank holds all of it (norms, row-parallel biases, patch embed)
@@ -41,6 +43,111 @@ _INTERNAL_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "m
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
+class Rows:
+    """Row ids standing in for a tensor: ``ids`` (numpy, 1 + source row number, 0 = a row of zeros) over the
+    leading dims, ``row`` the shape of one row, moved as a whole.  It does what the transforms and TP splits
+    do to a tensor (reshape, transpose, split, chunk, slices, new_zeros, cat), so running them on row ids
+    tells which source rows every output is made of, with no tensor data and no torch (conversion plans,
+    shape checks).  Cutting inside a row (a row-parallel split) is followed for the shape only: ``whole``
+    is then False."""
+
+    def __init__(self, ids, row=(), whole: bool = True):
+        self.ids, self.row, self.whole = ids, tuple(int(d) for d in row), whole
+
+    @classmethod
+    def like(cls, shape: Sequence[int], base: int = 0) -> "Rows":
+        """Ids base+1 .. base+shape[0] for a tensor of ``shape`` (rows along dim 0)."""
+        import numpy as np
+
+        shape = tuple(int(d) for d in shape)
+        if not shape:
+            return cls(np.full((), base + 1, np.int64))
+        return cls(np.arange(base + 1, base + 1 + shape[0], dtype=np.int64), shape[1:])
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.ids.shape) + self.row
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def contiguous(self) -> "Rows":
+        return self
+
+    clone = contiguous
+
+    def reshape(self, *shape) -> "Rows":
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        if -1 in shape:
+            known = math.prod(d for d in shape if d != -1)
+            shape = tuple(self.numel() // known if d == -1 else d for d in shape)
+        if math.prod(shape) != self.numel():
+            raise ValueError(f"cannot reshape {list(self.shape)} to {list(shape)}")
+        for k in range(len(shape), -1, -1):  # the row as the fewest trailing dims that hold it
+            if math.prod(shape[k:]) == math.prod(self.row) and math.prod(shape[:k]) == self.ids.size:
+                return Rows(self.ids.reshape(shape[:k]), shape[k:], self.whole)
+        raise ValueError(f"reshape {list(self.shape)} -> {list(shape)} splits a row")
+
+    view = reshape
+
+    def transpose(self, a: int, b: int) -> "Rows":
+        if max(a, b) >= self.ids.ndim:
+            raise ValueError("transpose inside a row")
+        return Rows(self.ids.swapaxes(a, b), self.row, self.whole)
+
+    def split(self, sizes, dim: int = 0) -> List["Rows"]:
+        length = self.shape[dim]
+        if isinstance(sizes, int):
+            sizes = [min(sizes, length - at) for at in range(0, length, sizes)]
+        if sum(sizes) != length:
+            raise ValueError(f"split sizes {list(sizes)} do not add up to {length}")
+        out, at = [], 0
+        for n in sizes:
+            if dim < self.ids.ndim:
+                index = (slice(None),) * dim + (slice(at, at + n),)
+                out.append(Rows(self.ids[index], self.row, self.whole))
+            else:  # inside a row: only the shape is followed
+                row = list(self.row)
+                row[dim - self.ids.ndim] = n
+                out.append(Rows(self.ids, row, whole=False))
+            at += n
+        return out
+
+    def chunk(self, n: int, dim: int = 0) -> List["Rows"]:
+        return self.split(-(-self.shape[dim] // n), dim)
+
+    def __getitem__(self, key) -> "Rows":
+        if not isinstance(key, slice) or self.ids.ndim == 0:
+            raise ValueError("row ids take a slice of dim 0 only")
+        return Rows(self.ids[key], self.row, self.whole)
+
+    def new_zeros(self, *shape) -> "Rows":
+        import numpy as np
+
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        k = len(shape) - len(self.row)
+        if k < 0 or tuple(shape[k:]) != self.row:
+            raise ValueError(f"zeros of shape {list(shape)} are not whole rows of {list(self.row)}")
+        return Rows(np.zeros(shape[:k], np.int64), self.row)
+
+
+def cat(ts: Sequence[Any], dim: int = 0):
+    """torch.cat, or the same on :class:`Rows` (row ids; torch is then never imported)."""
+    if isinstance(ts[0], Rows):
+        import numpy as np
+
+        if len({t.row for t in ts}) != 1 or dim >= ts[0].ids.ndim:
+            raise ValueError("cat inside a row")
+        return Rows(np.concatenate([t.ids for t in ts], axis=dim), ts[0].row, all(t.whole for t in ts))
+    import torch
+
+    return torch.cat(list(ts), dim=dim)
+
+
 @dataclass(frozen=True)
 class Transform:
     """HF tensors (in the row's hf order) <-> our tensor, given the model config."""
@@ -50,7 +157,7 @@ class Transform:
 
 
 COPY = Transform("copy", lambda ts, cfg: ts[0], lambda t, cfg: [t])
-GATE_UP = Transform("gate_up", lambda ts, cfg: torch.cat(ts, dim=0), lambda t, cfg: list(t.chunk(2, dim=0)))
+GATE_UP = Transform("gate_up", lambda ts, cfg: cat(ts, dim=0), lambda t, cfg: list(t.chunk(2, dim=0)))
 
 
 def pad_vocab(t: torch.Tensor, rows: int, cfg) -> torch.Tensor:
@@ -58,7 +165,7 @@ def pad_vocab(t: torch.Tensor, rows: int, cfg) -> torch.Tensor:
     t = t[:cfg.text.vocab_size]
     if t.shape[0] == rows:
         return t
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])], dim=0)
+    return cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])], dim=0)
 
 
 PADDED_VOCAB = Transform("padded_vocab", lambda ts, cfg: pad_vocab(ts[0], cfg.text.padded_vocab_size(1), cfg),
@@ -130,11 +237,10 @@ class MappingTable:
         return {e.ours: tuple(e.param.shape(cfg)) for e in self.entries(cfg)}
 
     def hf_shapes(self, cfg) -> Dict[str, Tuple[int, ...]]:
-        """Hub-layout HF shapes, derived by running each transform on meta tensors."""
+        """Hub-layout HF shapes, derived by running each transform on row ids (no tensor data, no torch)."""
         out = {}
         for e in self.entries(cfg):
-            meta = torch.empty(e.param.shape(cfg), device="meta")
-            for name, t in zip(e.hf, e.param.transform.to_hf(meta, cfg)):
+            for name, t in zip(e.hf, e.param.transform.to_hf(Rows.like(e.param.shape(cfg)), cfg)):
                 out[name] = tuple(t.shape)
         return out
 

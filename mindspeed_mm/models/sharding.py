@@ -14,14 +14,15 @@ padding back to ``padded_vocab_size(1)``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.mapping import (COLUMN, EMBEDDING, FINAL_NORM, GATED_COLUMN, OUTPUT_LAYER, REPLICATED, ROW,
-                                         TEXT_LAYER, VOCAB, MappingTable, pad_vocab)
+                                         TEXT_LAYER, VOCAB, MappingTable, Rows, cat, pad_vocab)
 from mindspeed_mm.models.parallel import stage_offsets
+
+if TYPE_CHECKING:
+    import torch
 
 _TEXT_PREFIX = TEXT_LAYER.split("{i}")[0]  # "language_model.decoder.layers."
 
@@ -72,7 +73,7 @@ def shard_tensor(table: MappingTable, name: str, t: torch.Tensor, cfg, tp_size: 
         return _chunk(t, tp_size, 1, name)[tp_rank]
     if kind == GATED_COLUMN:
         gate, up = _chunk(t, 2, 0, name)
-        return torch.cat([_chunk(gate, tp_size, 0, name)[tp_rank], _chunk(up, tp_size, 0, name)[tp_rank]])
+        return cat([_chunk(gate, tp_size, 0, name)[tp_rank], _chunk(up, tp_size, 0, name)[tp_rank]])
     if kind == VOCAB:
         return _chunk(pad_vocab(t, cfg.text.padded_vocab_size(tp_size), cfg), tp_size, 0, name)[tp_rank]
     raise AssertionError(kind)
@@ -84,14 +85,14 @@ def merge_tensor(table: MappingTable, name: str, pieces: Sequence[torch.Tensor],
     if kind == REPLICATED or len(pieces) == 1 and kind != VOCAB:
         return pieces[0]
     if kind == COLUMN:
-        return torch.cat(list(pieces), dim=0)
+        return cat(list(pieces), dim=0)
     if kind == ROW:
-        return torch.cat(list(pieces), dim=1)
+        return cat(list(pieces), dim=1)
     if kind == GATED_COLUMN:
         halves = [_chunk(p, 2, 0, name) for p in pieces]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        return cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     if kind == VOCAB:
-        return pad_vocab(torch.cat(list(pieces), dim=0), cfg.text.padded_vocab_size(1), cfg)
+        return pad_vocab(cat(list(pieces), dim=0), cfg.text.padded_vocab_size(1), cfg)
     raise AssertionError(kind)
 
 
@@ -169,7 +170,7 @@ def _check_rank_shapes(table, state, names, cfg, tp_size, tp, pp, config_source,
     """Every tensor of one rank has the shape ``cfg`` at ``tp_size`` gives its piece (names from stage_names)."""
     full = table.ours_shapes(cfg)
     for local, source in names:
-        want = tuple(shard_tensor(table, local, torch.empty(full[source], device="meta"), cfg, tp_size, tp).shape)
+        want = tuple(shard_tensor(table, local, Rows.like(full[source]), cfg, tp_size, tp).shape)
         got = tuple(state[local].shape)
         if got != want:
             raise UserError(f"{where}: {local} has shape {list(got)} but {config_source} at TP {tp_size} asks "

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mindspeed_mm.models.sharding as sharding
 from mindspeed_mm.models.mapping import Entry, HFToOurs, MappingTable, OursToHF
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

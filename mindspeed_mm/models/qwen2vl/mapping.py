@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
-
 from mindspeed_mm.models.mapping import (COLUMN, COPY, EMBEDDING, FINAL_NORM, GATE_UP, GATED_COLUMN, HF_LM_HEAD,
                                          OUTPUT_LAYER, PADDED_VOCAB, REPLICATED, ROW, TEXT_LAYER, VOCAB,
-                                         MappingTable, Param, Transform)
+                                         MappingTable, Param, Transform, cat)
 
 VISION_LAYER = "vision_encoder.blocks.layers.{i}."
 
@@ -23,7 +21,7 @@ def _text_qkv_to_ours(ts, cfg):
     # q [nh*hd, ...], k/v [ng*hd, ...] -> per query group [q heads of g; k_g; v_g] (megatron GQA).
     q, k, v = ts
     ng = cfg.text.num_query_groups
-    return torch.cat([t.reshape(ng, -1, *t.shape[1:]) for t in (q, k, v)], dim=1).reshape(-1, *q.shape[1:])
+    return cat([t.reshape(ng, -1, *t.shape[1:]) for t in (q, k, v)], dim=1).reshape(-1, *q.shape[1:])
 
 
 def _text_qkv_to_hf(t, cfg):
