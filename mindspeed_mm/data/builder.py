@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from mindspeed_mm.data.cache import CachedSamples, cache_key, get_or_build
-from mindspeed_mm.data.collate import Qwen2VLCollator
-from mindspeed_mm.data.config import DataConfig, check_paths
+from mindspeed_mm.data.collate import PackedCollator, Qwen2VLCollator
+from mindspeed_mm.data.config import DataConfig, PackingParam, check_paths
 from mindspeed_mm.data.dataset import Qwen2VLDataset
 from mindspeed_mm.jsonio import DataFileError, load_json
 from mindspeed_mm.data.positions import VisionTokenIds
 from mindspeed_mm.data.preprocess import CHUNK_SIZE, PreprocessSettings, preprocess_records
+from mindspeed_mm.data.packing import PackedBatchSampler
 from mindspeed_mm.data.sampler import ResumableBatchSampler
 from mindspeed_mm.data.workers import effective_workers, usable_cores
 from mindspeed_mm.errors import UserError
@@ -52,20 +53,22 @@ def read_records(files: list[str], max_samples: int | None) -> list[tuple[str, o
     return items
 
 
-def seq_length_filter(cache: CachedSamples, max_seq_length: int | None):
-    """(indices of the samples that fit, drop line or None): samples longer than the
-    training --seq-length are dropped here, on the cached lengths, so the cache key (and
-    the cache) stay the same for any --seq-length."""
+def length_filter(cache: CachedSamples, max_seq_length: int | None, max_pack_tokens: int | None = None):
+    """(indices of the samples that fit or None for all, {reason: count}, drop lines): samples longer than
+    the training --seq-length (longer_than_seq_length), then than a pack (longer_than_pack), are dropped
+    here, on the cached lengths, so the cache key (and the cache) stay the same for any bound."""
     lengths = cache.lengths()
-    if max_seq_length is None:
-        return None, None
-    keep = np.flatnonzero(lengths <= max_seq_length)
-    n = len(lengths) - len(keep)
-    if not n:
-        return None, None
-    longest = int(lengths.max())
-    return keep, (f"dropped {n} (longer_than_seq_length), e.g. a sample of {longest} tokens > "
-                  f"--seq-length {max_seq_length}")
+    keep = np.ones(len(lengths), dtype=bool)
+    counts, lines = {}, []
+    for limit, reason, name in ((max_seq_length, "longer_than_seq_length", "--seq-length"),
+                                (max_pack_tokens, "longer_than_pack", "packing max_tokens")):
+        too_long = keep & (lengths > limit) if limit is not None else None
+        if too_long is not None and too_long.any():
+            counts[reason] = int(too_long.sum())
+            lines.append(f"dropped {counts[reason]} ({reason}), e.g. a sample of {int(lengths[too_long].max())} "
+                         f"tokens > {name} {limit}")
+            keep &= ~too_long
+    return (np.flatnonzero(keep) if counts else None), counts, lines
 
 
 def summary_lines(cache: CachedSamples, extra_drops: int = 0, extra_lines=()) -> list[str]:
@@ -77,12 +80,13 @@ def summary_lines(cache: CachedSamples, extra_drops: int = 0, extra_lines=()) ->
 
 
 def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None, progress: bool = True,
-                               log=print, max_seq_length: int | None = None):
+                               log=print, max_seq_length: int | None = None, max_pack_tokens: int | None = None):
     """Preprocess (or reuse the cache) and return (train_dataset, None): the guide has no
     validation split. Prints the usable/dropped summary; raises NoUsableSamplesError when
     nothing is left. With several ranks per node only local rank 0 builds the cache.
-    `max_seq_length` (training's --seq-length) drops longer samples, counted as
-    longer_than_seq_length, after the cache (so it does not change the cache key)."""
+    `max_seq_length` (training's --seq-length) and `max_pack_tokens` (the packing capacity) drop
+    longer samples, counted as longer_than_seq_length / longer_than_pack, after the cache (so they do
+    not change the cache key)."""
     bp = config.dataset_param.basic_parameters
     settings = settings_from_config(config)
     files = check_paths(config)
@@ -100,12 +104,12 @@ def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None
         return samples, {"drop_counts": dict(report.counts), "drop_lines": report.lines(), "files": files}
 
     cache = get_or_build(path, build, is_builder=local_rank == 0, overwrite=bp.overwrite_cache, log=log)
-    keep, seq_line = seq_length_filter(cache, max_seq_length)
-    n_long = 0 if keep is None else len(cache) - len(keep)
-    for line in summary_lines(cache, n_long, [seq_line] if seq_line else []):
+    keep, long_counts, long_lines = length_filter(cache, max_seq_length, max_pack_tokens)
+    n_long = sum(long_counts.values())
+    for line in summary_lines(cache, n_long, long_lines):
         log(line)
     if len(cache) - n_long == 0:
-        counts = {**cache.meta["drop_counts"], **({"longer_than_seq_length": n_long} if n_long else {})}
+        counts = {**cache.meta["drop_counts"], **long_counts}
         raise NoUsableSamplesError(f"no usable training sample in {', '.join(files)}: every sample was "
                                    f"dropped ({counts}); see the reasons above")
     tokenizer, image_processor = processors
@@ -113,20 +117,41 @@ def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None
     return Qwen2VLDataset(cache, image_processor, ids, tokenizer.pad_token_id, indices=keep), None
 
 
+def packing_line(sampler: PackedBatchSampler) -> str:
+    """The log's packing summary, from the first epoch's plan."""
+    plan, steps = sampler.plan(0), sampler.global_batches(0)
+    per_step = sum(b.samples for b in steps) / max(len(steps), 1)
+    return (f"data: packing {plan.samples} samples into {len(plan.packs)} packs of at most {plan.max_tokens} tokens: "
+            f"efficiency {100 * plan.efficiency:.1f}% (padding {100 * (1 - plan.efficiency):.1f}%), "
+            f"{sampler.packs_per_step} packs (~{per_step:.1f} samples) per global batch, {len(steps)} global "
+            f"batches per epoch")
+
+
 def build_dataloader(dataset: Qwen2VLDataset, config: DataConfig, consumed_samples: int = 0,
                      seed: int = 1234, dp_rank: int = 0, dp_size: int = 1,
                      pad_to_multiple_of: int | None = None, pin_memory: bool | None = None,
-                     min_length: int = 0, log=print):
+                     min_length: int = 0, log=print, packing: PackingParam | None = None, micro_batches: int = 1):
     """An endless DataLoader of collated micro-batches for this data-parallel rank, resuming
     after `consumed_samples` global samples. `pad_to_multiple_of` (e.g. the tensor-parallel
     size under sequence parallelism) overrides collate_param.pad_to_multiple_of; batches are
     padded to at least `min_length` tokens. Starts no more loader workers than micro-batches
-    per epoch or usable cores."""
+    per epoch or usable cores.
+
+    With `packing`, a micro-batch is one row of `batch_size` packs (PackedBatchSampler, PackedCollator)
+    and a global batch `batch_size` x `micro_batches` x `dp_size` packs."""
     dl = config.dataloader_param
-    sampler = ResumableBatchSampler(len(dataset), dl.batch_size, dp_rank, dp_size, consumed_samples,
-                                    dl.shuffle, seed, dl.drop_last)
-    collate = Qwen2VLCollator(dataset.pad_token_id, pad_to_multiple_of or dl.collate_param.pad_to_multiple_of,
-                              dl.collate_param.ignore_pad_token_for_loss, min_length)
+    multiple = pad_to_multiple_of or dl.collate_param.pad_to_multiple_of
+    if packing is None:
+        sampler = ResumableBatchSampler(len(dataset), dl.batch_size, dp_rank, dp_size, consumed_samples,
+                                        dl.shuffle, seed, dl.drop_last)
+        collate = Qwen2VLCollator(dataset.pad_token_id, multiple, dl.collate_param.ignore_pad_token_for_loss,
+                                  min_length)
+    else:
+        lengths, patches = dataset.sample_sizes()
+        sampler = PackedBatchSampler(lengths, patches, packing.max_tokens, dl.batch_size, micro_batches, dp_rank,
+                                     dp_size, consumed_samples, dl.shuffle, seed, packing.window)
+        collate = PackedCollator(dataset.pad_token_id, multiple, min_length)
+        log(packing_line(sampler))
     if pin_memory is None:
         from mindspeed_mm.platform import current_platform
 

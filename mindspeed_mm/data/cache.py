@@ -93,6 +93,12 @@ class CachedSamples:
     def lengths(self) -> np.ndarray:
         return np.diff(self.sample_offsets)
 
+    def patches(self) -> np.ndarray:
+        """ViT patches (t * h * w over the sample's images) of every sample."""
+        per_image = np.prod(np.asarray(self.image_grid_thw, np.int64).reshape(-1, 3), axis=1)
+        cum = np.concatenate([[0], np.cumsum(per_image)])
+        return cum[np.asarray(self.image_offsets[1:])] - cum[np.asarray(self.image_offsets[:-1])]
+
     def sample(self, i: int):
         a, b = self.sample_offsets[i], self.sample_offsets[i + 1]
         c, d = self.image_offsets[i], self.image_offsets[i + 1]

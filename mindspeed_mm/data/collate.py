@@ -1,4 +1,5 @@
-"""Micro-batch collation: right padding to the longest sample (or a multiple of it, or a fixed length)."""
+"""Micro-batch collation: right padding to the longest sample (or a multiple of it, or a fixed length),
+or, under packing, the samples of a micro-batch concatenated into one row with their boundaries."""
 
 from __future__ import annotations
 
@@ -38,6 +39,47 @@ class Qwen2VLCollator:
             batch["attention_mask"][i, :n] = 1
             batch["mm_token_type_ids"][i, :n] = s["mm_token_type_ids"]
             batch["position_ids"][:, i, :n] = s["position_ids"]
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
+        batch["pixel_values"] = torch.cat(pixels) if pixels else None
+        batch["image_grid_thw"] = torch.cat(grids) if grids else None
+        return batch
+
+
+class PackedCollator:
+    """Samples of one micro-batch -> ONE row of independent sequences (sequence packing).
+
+    Keys as Qwen2VLCollator's with b = 1, plus ``cu_seqlens`` int32 [n + 1] (0, n1, n1 + n2, ..., T): the
+    model attends within each sample only.  Each sample keeps its own M-RoPE positions (they restart at
+    0), and its first label is ignored, so no token is trained to predict the next sample's first one;
+    the loss of the row is then the sum of the samples' unpacked losses.  The row is right-padded to a
+    multiple of ``pad_to_multiple_of`` (sequence parallelism) and to at least ``min_length`` (fixed
+    shapes); the padding forms a last segment of its own, with ignored labels.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, min_length: int = 0):
+        self.pad_token_id, self.multiple, self.min_length = pad_token_id, max(1, pad_to_multiple_of), min_length
+
+    def __call__(self, samples: list[dict]) -> dict:
+        lengths = [len(s["input_ids"]) for s in samples]
+        real = sum(lengths)
+        total = -(-max(real, self.min_length) // self.multiple) * self.multiple
+        pad = total - real
+        labels = [s["labels"].clone() for s in samples]
+        for label in labels:
+            label[0] = IGNORE_INDEX
+        cat = lambda key, fill, dtype=torch.long: torch.cat(  # noqa: E731
+            [s[key] for s in samples] + [torch.full((pad,), fill, dtype=dtype)])
+        bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()] + ([total] if pad else [])
+        batch = {
+            "input_ids": cat("input_ids", self.pad_token_id)[None],
+            "labels": torch.cat(labels + [torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])[None],
+            "attention_mask": torch.cat([torch.ones(real, dtype=torch.long), torch.zeros(pad, dtype=torch.long)])[None],
+            "mm_token_type_ids": cat("mm_token_type_ids", 0)[None],
+            "position_ids": torch.cat([s["position_ids"] for s in samples]
+                                      + [torch.zeros((3, pad), dtype=torch.long)], dim=1)[:, None],
+            "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+        }
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
         batch["pixel_values"] = torch.cat(pixels) if pixels else None

@@ -97,9 +97,18 @@ class DatasetParam:
 
 
 @dataclass
+class PackingParam:
+    """Sequence packing (off without this key): samples share rows of at most ``max_tokens`` LLM tokens,
+    formed first-fit-decreasing within shuffle windows of ``window`` samples (mindspeed_mm/data/packing.py)."""
+    max_tokens: int
+    window: int = 1000
+
+
+@dataclass
 class DataConfig:
     dataset_param: DatasetParam
     dataloader_param: DataloaderParam = field(default_factory=DataloaderParam)
+    packing: typing.Optional[PackingParam] = None
 
     def validate(self) -> "DataConfig":
         def bad(key, msg):
@@ -130,6 +139,11 @@ class DataConfig:
                 bad(f"dataloader_param.{key}", f"must be >= {low}, got {value}")
         if dl.collate_param.model_name != "qwen2vl":
             bad("dataloader_param.collate_param.model_name", "only 'qwen2vl' is supported")
+        if self.packing is not None:
+            for key, value, low in (("packing.max_tokens", self.packing.max_tokens, 2),
+                                    ("packing.window", self.packing.window, 1)):
+                if value < low:
+                    bad(key, f"must be >= {low}, got {value}")
         return self
 
 

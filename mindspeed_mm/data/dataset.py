@@ -30,6 +30,13 @@ class Qwen2VLDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.cache) if self.indices is None else len(self.indices)
 
+    def sample_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(LLM tokens, ViT patches) of every item, from the cache (what packing plans with)."""
+        lengths, patches = self.cache.lengths(), self.cache.patches()
+        if self.indices is None:
+            return lengths, patches
+        return lengths[self.indices], patches[self.indices]
+
     def _item(self, i: int) -> dict:
         input_ids, labels, images, grid = self.cache.sample(i if self.indices is None else int(self.indices[i]))
         pixel_values = image_grid_thw = None

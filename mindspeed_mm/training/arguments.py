@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and counted; without --variable-seq-lengths every micro-batch is also padded to it")
     g.add_argument("--variable-seq-lengths", action="store_true",
                    help="micro-batches keep their own (padded-to-longest) length, at most --seq-length")
+    g.add_argument("--packing-max-tokens", type=int, default=None,
+                   help="sequence packing: rows of at most this many tokens, each several whole samples "
+                        "(overrides data.json's packing.max_tokens; 0 turns packing off); micro- and global "
+                        "batch sizes then count packs")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train-iters", type=int, default=None)

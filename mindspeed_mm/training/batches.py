@@ -10,18 +10,25 @@ from mindspeed_mm.training.config import TrainingConfig
 
 
 class Batches:
-    def __init__(self, dataset, data_cfg, config: TrainingConfig, consumed_samples: int, device, log=print):
+    """``packed``: micro-batches are rows of data_cfg.packing's packs (the held-out batches are not packed)."""
+
+    def __init__(self, dataset, data_cfg, config: TrainingConfig, consumed_samples: int, device, log=print,
+                 packed: bool = True):
         self.config, self.device = config, device
         b = config.batches
         dl = dataclasses.replace(data_cfg.dataloader_param, batch_size=b.micro_batch_size)
         data_cfg = dataclasses.replace(data_cfg, dataloader_param=dl)
+        packing = data_cfg.packing if packed else None
+        self.packed = packing is not None
         # Sequence parallelism splits the sequence over TP: a multiple of TP.
         multiple = config.parallel.tensor_model_parallel_size if config.parallel.sequence_parallel else None
+        # Fixed shapes (no --variable-seq-lengths): every row padded to its capacity.
+        fixed = b.micro_batch_size * packing.max_tokens if self.packed else b.seq_length
         try:
             loader = build_dataloader(dataset, data_cfg, consumed_samples=consumed_samples, seed=config.seed,
                                       dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                                      pad_to_multiple_of=multiple,
-                                      min_length=0 if b.variable_seq_lengths else b.seq_length, log=log)
+                                      pad_to_multiple_of=multiple, min_length=0 if b.variable_seq_lengths else fixed,
+                                      log=log, packing=packing, micro_batches=config.num_microbatches)
         except ValueError as exc:  # fewer samples than one micro-batch per data-parallel rank
             raise UserError(f"{config.paths.mm_data}: {exc}") from None
         self.iterator = iter(loader)
@@ -32,7 +39,7 @@ class Batches:
 
     def _prepare(self, batch):
         s, b = batch["input_ids"].shape[1], self.config.batches
-        if not b.variable_seq_lengths and s > b.seq_length:
+        if not b.variable_seq_lengths and not self.packed and s > b.seq_length:
             raise UserError(f"--seq-length {b.seq_length}: a micro-batch of {self.config.paths.mm_data} has {s} "
                             f"tokens; raise --seq-length, lower cutoff_len in the data JSON, or pass "
                             f"--variable-seq-lengths")

@@ -84,6 +84,7 @@ class BatchConfig:
     global_batch_size: Optional[int] = None  # None: MBS x DP (TrainingConfig.global_batch_size)
     seq_length: Optional[int] = None
     variable_seq_lengths: bool = False
+    packing_max_tokens: Optional[int] = None  # None: data.json's packing; 0: off
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ def _check_batches(b: BatchConfig) -> None:
         raise UserError("--seq-length is required unless --variable-seq-lengths is given")
     if b.seq_length is not None and b.seq_length < 2:
         raise UserError(f"--seq-length must be >= 2, got {b.seq_length}")
+    if b.packing_max_tokens is not None and b.packing_max_tokens != 0 and b.packing_max_tokens < 2:
+        raise UserError(f"--packing-max-tokens must be >= 2 (or 0: no packing), got {b.packing_max_tokens}")
 
 
 def _check_schedule(s: ScheduleConfig, o: OptimizationConfig) -> None:

@@ -27,7 +27,17 @@ class BatchShape:
 
     @classmethod
     def of(cls, batch: dict) -> "BatchShape":
+        """A padded batch [b, s], or a packed row (``cu_seqlens``: its samples, the padding segment left out)."""
         lengths = batch["attention_mask"].sum(dim=1).tolist()
+        cu = batch.get("cu_seqlens")
+        if cu is not None:
+            segments = (cu[1:] - cu[:-1]).tolist()
+            real, lengths = lengths[0], []
+            for n in segments:
+                if real <= 0:
+                    break
+                lengths.append(n)
+                real -= n
         grid = batch.get("image_grid_thw")
         grids = grid.tolist() if isinstance(grid, torch.Tensor) else []
         return cls(lengths, grids)

@@ -18,6 +18,10 @@ class DatasetSplit(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.base[self.indices[i]]
 
+    def sample_sizes(self):
+        lengths, patches = self.base.sample_sizes()
+        return lengths[self.indices], patches[self.indices]
+
 
 def split_dataset(dataset, fractions, seed: int):
     """(train, valid or None).  Held-out samples are drawn by a seeded permutation; the

@@ -23,7 +23,7 @@ from operator import attrgetter
 
 from checkpoint.layout import (MODEL_FILE, TRACKER, format_layout, iteration_dir, rank_dir, read_layout, read_tracker,
                                write_layout)
-from mindspeed_mm.data.config import validate_data_json
+from mindspeed_mm.data.config import PackingParam, validate_data_json
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import write_text_atomic
 from mindspeed_mm.models import load_model_config
@@ -58,11 +58,21 @@ def preflight(config: TrainingConfig) -> None:
     print(f"preflight: {config.paths.mm_model}, {config.paths.mm_data}, --load {c.load}, --save {c.save}: ok")
 
 
+def with_packing_flag(data_cfg, max_tokens):
+    """data.json's packing with --packing-max-tokens applied (None: as data.json says; 0: off)."""
+    if max_tokens is None:
+        return data_cfg
+    packing = None if max_tokens == 0 else PackingParam(max_tokens, *(
+        [data_cfg.packing.window] if data_cfg.packing is not None else []))
+    return dataclasses.replace(data_cfg, packing=packing)
+
+
 def check_run(config: TrainingConfig, world_size: int, node_rank: int = 0, probe_lock: bool = True):
     """All checks.  Returns (the validated config, model_cfg, data_cfg); the config takes the
     pipeline split from the checkpoint when the flags leave it out."""
     model_cfg = load_model_config(config.paths.mm_model)
     data_cfg = validate_data_json(config.paths.mm_data)  # keys, types, dataset files, image folder, tokenizer folder
+    data_cfg = with_packing_flag(data_cfg, config.batches.packing_max_tokens)
     checkpoint = _checkpoint_to_load(config.checkpoints) if config.checkpoints.load else None
     if checkpoint is not None:
         config = _take_split_from_checkpoint(config, checkpoint)

@@ -32,9 +32,10 @@ class TrainState:
     nan_iters: int = 0  # NaN/Inf losses: the update was skipped
     consecutive_nan: int = 0  # not saved: a resumed run counts afresh
 
-    def after(self, step: StepResult, global_batch_size: int) -> "TrainState":
+    def after(self, step: StepResult, samples: int) -> "TrainState":
+        """``samples``: the samples the global batch held (its size; under packing, those of its packs)."""
         nan = not step.finite
-        return TrainState(iteration=self.iteration + 1, consumed_samples=self.consumed_samples + global_batch_size,
+        return TrainState(iteration=self.iteration + 1, consumed_samples=self.consumed_samples + samples,
                           skipped_iters=self.skipped_iters + (not nan and not step.applied),
                           nan_iters=self.nan_iters + nan, consecutive_nan=self.consecutive_nan + 1 if nan else 0)
 

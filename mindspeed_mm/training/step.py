@@ -22,7 +22,7 @@ def forward_step(data_iterator, model, inject_nan=False):
         pixel_values = pixel_values.to(model.config.params_dtype)
     output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                    attention_mask=batch["attention_mask"], pixel_values=pixel_values,
-                   image_grid_thw=batch.get("image_grid_thw"), labels=labels)
+                   image_grid_thw=batch.get("image_grid_thw"), labels=labels, cu_seqlens=batch.get("cu_seqlens"))
     if inject_nan:  # --inject-nan-loss: as if this stage overflowed; backward then gives NaN gradients too
         output = output * float("nan")
     return output, partial(masked_loss_sum, shifted_labels=labels)
@@ -35,7 +35,8 @@ def run_global_batch(model, micro_batches, config: TrainingConfig, forward_only=
     reports = get_forward_backward_func()(
         forward_step_func=partial(forward_step, inject_nan=inject_nan), data_iterator=iter(micro_batches),
         model=[model], num_microbatches=len(micro_batches), seq_length=seq_length,
-        micro_batch_size=config.batches.micro_batch_size, forward_only=forward_only)
+        micro_batch_size=micro_batches[0]["input_ids"].shape[0],  # 1 under packing: one row of packs
+        forward_only=forward_only)
     device = micro_batches[0]["input_ids"].device
     if ps.is_pipeline_last_stage():
         total = reduce_reported_loss(reports, ps.get_data_parallel_group(), device)
@@ -77,10 +78,11 @@ def evaluate(model, batches, iterations: int, config: TrainingConfig):
 
 
 def global_flops_and_tokens(micro_batches, model_cfg, config: TrainingConfig, device):
-    """Training FLOPs and real tokens of the whole global batch (sum over data-parallel ranks)."""
+    """Training FLOPs, real tokens and samples of the whole global batch (sum over data-parallel ranks)."""
     padded_vocab = model_cfg.text.padded_vocab_size(config.parallel.tensor_model_parallel_size)
     shapes = [BatchShape.of(b) for b in micro_batches]
     local = torch.tensor([sum(train_flops(model_cfg, s, padded_vocab) for s in shapes),
-                          sum(sum(s.lengths) for s in shapes)], dtype=torch.float64, device=device)
+                          sum(sum(s.lengths) for s in shapes), sum(len(s.lengths) for s in shapes)],
+                         dtype=torch.float64, device=device)
     torch.distributed.all_reduce(local, group=ps.get_data_parallel_group())
-    return float(local[0]), int(local[1])
+    return float(local[0]), int(local[1]), int(local[2])

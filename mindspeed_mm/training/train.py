@@ -86,7 +86,8 @@ class Trainer:
 
         train_ds, self.valid_ds = split_dataset(
             # --seq-length bounds every sample (longer ones are dropped and counted), variable lengths or not.
-            build_train_valid_datasets(data_cfg, log=self.report.print, max_seq_length=config.batches.seq_length)[0],
+            build_train_valid_datasets(data_cfg, log=self.report.print, max_seq_length=config.batches.seq_length,
+                                       max_pack_tokens=data_cfg.packing and data_cfg.packing.max_tokens)[0],
             config.paths.split_fractions, config.seed)
         self.batches = Batches(train_ds, data_cfg, config, self.state.consumed_samples, self.device,
                                log=self.report.print)
@@ -140,11 +141,11 @@ class Trainer:
     def train_iteration(self) -> None:
         start = time.perf_counter()
         micro_batches = self.batches.next_global_batch()
-        flops, tokens = global_flops_and_tokens(micro_batches, self.model_cfg, self.config, self.device)
+        flops, tokens, samples = global_flops_and_tokens(micro_batches, self.model_cfg, self.config, self.device)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this iteration's update uses
         step = train_step(self.model, self.optimizer, self.scheduler, micro_batches, self.config,
                           self.state.iteration + 1)
-        self.state = state = self.state.after(step, self.config.global_batch_size)
+        self.state = state = self.state.after(step, samples)  # packs hold a varying number of samples
         self.report.step(state.iteration, loss=step.loss, lr=lr, grad_norm=step.grad_norm,
                          loss_scale=float(self.optimizer.get_loss_scale()), elapsed=time.perf_counter() - start,
                          flops=flops, tokens=tokens, consumed_samples=state.consumed_samples,
@@ -160,7 +161,8 @@ class Trainer:
 
     def evaluate(self) -> None:
         """From the first held-out sample each time, so evaluations compare."""
-        batches = Batches(self.valid_ds, self.data_cfg, self.config, 0, self.device, log=self.report.print)
+        batches = Batches(self.valid_ds, self.data_cfg, self.config, 0, self.device, log=self.report.print,
+                          packed=False)
         self.report.evaluation(self.state.iteration, *evaluate(self.model, batches, self.eval_iters, self.config))
 
     def should_save(self) -> bool:

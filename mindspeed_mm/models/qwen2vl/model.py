@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from mindspeed_mm.errors import UserError
@@ -43,6 +44,16 @@ def padding_to_megatron_mask(attention_mask: Optional[torch.Tensor]) -> Optional
     if bool((keep[:, 1:] <= keep[:, :-1]).all()):
         return None
     return ~keep[:, None, None, :]
+
+
+def packed_sequences(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """megatron's packed-sequence parameters for one row of several sequences.
+
+    The layout stays 'sbhd' ([s, 1, heads, dim]), not 'thd': megatron's thd path would rotate each
+    sequence with positions 0..n-1 of a 1-D rope, while M-RoPE needs the (t, h, w) positions given.
+    CoreAttention (platform/attention.py) reads cu_seqlens and attends within each sequence.
+    """
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
 
 
 class Qwen2VLModel(MegatronModule):
@@ -99,9 +110,13 @@ class Qwen2VLModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                inference_context=None):
+                inference_context=None, cu_seqlens: Optional[torch.Tensor] = None):
         """input_ids [b, s]; position_ids [3, b, s] or None; attention_mask [b, s] (1 = token) or None;
         pixel_values [n_patches, 1176]; image_grid_thw [n_img, 3]; labels [b, s] already shifted.
+
+        ``cu_seqlens`` int32 [n + 1] (sequence packing, b = 1): the row holds n independent sequences
+        (0, n1, n1 + n2, ..., s); attention stays within each and attention_mask is not used.  The
+        positions must then be given: each sample's own (data/collate.py PackedCollator).
 
         Last stage: loss [b, s] (fp32, 0 at -100) with labels, else logits [b, s, V/TP].
         Other stages: hidden states [s, b, h] for the next stage.
@@ -112,6 +127,11 @@ class Qwen2VLModel(MegatronModule):
         sequence so far, and the logits are gathered over TP: [b, s_new, V].
         """
         tp = self.parallel.tensor_parallel
+        packed = None
+        if cu_seqlens is not None:
+            if position_ids is None or input_ids.shape[0] != 1:
+                raise ValueError("cu_seqlens (a packed row) needs input_ids [1, s] and each sample's position_ids")
+            packed, attention_mask = packed_sequences(cu_seqlens), None
         if self.parallel.sequence_parallel and input_ids.shape[1] % tp:
             raise UserError(f"--sequence-parallel: sequence length {input_ids.shape[1]} is not a multiple of "
                             f"--tensor-model-parallel-size {tp}; pad batches to a multiple of it")
@@ -131,7 +151,7 @@ class Qwen2VLModel(MegatronModule):
         inference = {} if inference_context is None else dict(inference_context=inference_context,
                                                               runtime_gather_output=True)
         return self.language_model(input_ids, position_ids, padding_to_megatron_mask(attention_mask),
-                                   decoder_input=decoder_input, labels=labels, **inference)
+                                   decoder_input=decoder_input, labels=labels, packed_seq_params=packed, **inference)
 
     # ---- weights -------------------------------------------------------------------------
     def load_full_state(self, full_state: Mapping[str, torch.Tensor], tp_rank: Optional[int] = None,
