@@ -98,6 +98,43 @@ def training_flags(model_json: str, batch_size: int, lr: float, precision: str =
             "--adam-beta1", "0.9", "--adam-beta2", "0.999", "--use-distributed-optimizer", *extra]
 
 
+def add_model_args(ap):
+    """The benchmark model's size flags (defaults: LLM 4 x 512, ViT 4 x 256, 18.5M parameters)."""
+    ap.add_argument("--hidden-size", type=int, default=512)
+    ap.add_argument("--ffn-hidden-size", type=int, default=1408)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vit-hidden-size", type=int, default=256)
+    ap.add_argument("--vit-layers", type=int, default=4)
+    ap.add_argument("--vit-heads", type=int, default=4)
+
+
+def build_same_weights(folder: str, tokenizer, args, flags_of):
+    """(HF model, config, DDP model, optimizer, scheduler): a random HF Qwen2-VL of ``args``' sizes (seed 0, fp32,
+    train mode) and our training stack built from ``flags_of(model_json)`` with the same weights loaded.
+    Call after init_distributed; ``folder`` receives model.json."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from mindspeed_mm.models.qwen2vl import QWEN2VL
+    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
+    from mindspeed_mm.training.checkpointing import unwrap
+
+    config = hf_config(tokenizer, args)
+    torch.manual_seed(0)
+    hf = Qwen2VLForConditionalGeneration(config).float().train()
+    cfg = Qwen2VLConfig.from_hf(config.to_dict())
+    cfg.dtype = "fp32"
+    model_json = os.path.join(folder, "model.json")
+    cfg.save(model_json)
+    train_args, model, optimizer, scheduler = build_ours(flags_of(model_json), cfg)
+    unwrap(model).load_full_state(QWEN2VL.hf_to_mm({k: v.detach().clone() for k, v in hf.state_dict().items()}, cfg))
+    optimizer.reload_model_params()  # the optimizer's main copies from the loaded weights, as after --load
+    model.train()
+    return hf, train_args, model, optimizer, scheduler
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -109,14 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps of each (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4, help="samples per step (one micro-batch)")
-    ap.add_argument("--hidden-size", type=int, default=512)
-    ap.add_argument("--ffn-hidden-size", type=int, default=1408)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vit-hidden-size", type=int, default=256)
-    ap.add_argument("--vit-layers", type=int, default=4)
-    ap.add_argument("--vit-heads", type=int, default=4)
+    add_model_args(ap)
     ap.add_argument("--max-pixels", type=int, default=224 * 224)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -127,12 +157,8 @@ def main(argv=None) -> int:
 
     platform = setup_platform("cpu")
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
-    from mindspeed_mm.models.qwen2vl import QWEN2VL
-    from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
     from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
-    from mindspeed_mm.training.checkpointing import unwrap
     from mindspeed_mm.training.step import train_step
 
     if args.threads:
@@ -141,18 +167,8 @@ def main(argv=None) -> int:
     init_distributed(platform, 1, 1, seed=0)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer, batch = make_batch(folder, args.batch_size, 56 * 56, args.max_pixels)
-        config = hf_config(tokenizer, args)
-        torch.manual_seed(0)
-        hf = Qwen2VLForConditionalGeneration(config).float().train()
-        cfg = Qwen2VLConfig.from_hf(config.to_dict())
-        cfg.dtype = "fp32"
-        model_json = os.path.join(folder, "model.json")
-        cfg.save(model_json)
-        flags = training_flags(model_json, args.batch_size, args.lr)
-        train_args, model, optimizer, scheduler = build_ours(flags, cfg)
-    unwrap(model).load_full_state(QWEN2VL.hf_to_mm({k: v.detach().clone() for k, v in hf.state_dict().items()}, cfg))
-    optimizer.reload_model_params()  # the optimizer's main copies from the loaded weights, as after --load
-    model.train()
+        hf, train_args, model, optimizer, scheduler = build_same_weights(
+            folder, tokenizer, args, lambda model_json: training_flags(model_json, args.batch_size, args.lr))
 
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     hf_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "labels")
