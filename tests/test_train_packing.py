@@ -198,3 +198,58 @@ def test_packed_gradients_equal_unpacked_tp2_sequence_parallel():
 @pytest.mark.slow
 def test_packed_gradients_equal_unpacked_pp2_empty_llm_first_stage():
     _check_grads(run_ranks(_grads, 2, timeout=400, tp=1, pp_layers=[0, 3]))
+
+
+# ---- through pretrain_qwen2vl.py: DP=2, distributed optimizer, recompute, resume ----------------------------
+
+def _with_packing(data_json: str, max_tokens: int) -> str:
+    import json
+
+    with open(data_json) as f:
+        config = json.load(f)
+    config["packing"] = {"max_tokens": max_tokens, "window": 8}
+    path = data_json.replace(".json", "_packed.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
+def _consumed(out: str) -> list:
+    import re
+
+    return [int(n) for n in re.findall(r"consumed samples:\s+(\d+)", out)]
+
+
+@pytest.mark.slow
+def test_packed_run_resumes_exactly_dp2_distributed_optimizer_recompute(tmp_path):
+    """16 samples of 61-77 tokens packed into rows of at most 220 (2 or 3 samples each), global batches of
+    4 packs over DP=2 x 2 micro-batches, full recompute, the distributed optimizer, shuffled: a run of 2
+    iterations resumed for 2 more gives iterations 3-4's losses and data position of one 4-iteration run
+    (each epoch fills one global batch and leaves its tail packs to the next epoch's plan, so every
+    iteration crosses an epoch)."""
+    import os
+
+    from tests.train_fixtures import convert, losses, make_data, make_hf_model, run_training, train_flags
+
+    hf = make_hf_model(str(tmp_path / "hf"))
+    ckpt = convert(hf, str(tmp_path / "mm"), 1, [2])
+    data = _with_packing(make_data(str(tmp_path / "data"), hf, num_images=16, shuffle=True), 220)
+    extra = ["--use-distributed-optimizer", "--recompute-granularity", "full", "--recompute-method", "uniform",
+             "--recompute-num-layers", "1"]
+
+    def flags(iters, *more):
+        return train_flags(data, os.path.join(ckpt, "model.json"), iters=iters, gbs=4, extra=[*extra, *more])
+
+    _, whole = run_training(flags(4, "--load", ckpt), nprocs=2)
+    assert "data: packing 16 samples into" in whole and "efficiency" in whole, whole[-3000:]
+    save = str(tmp_path / "save")
+    run_training(flags(2, "--load", ckpt, "--save", save), nprocs=2)
+    _, resumed = run_training(flags(4, "--load", save, "--save", save), nprocs=2)
+    reference, second = losses(whole), losses(resumed)
+    assert sorted(reference) == [1, 2, 3, 4] and sorted(second) == [3, 4], (reference, second)
+    for it in (3, 4):
+        assert abs(second[it] - reference[it]) <= 1e-5 * abs(reference[it]), (it, second[it], reference[it])
+    # the data position counts samples, not packs (4 packs of 2-3 samples per global batch)
+    steps = _consumed(whole)
+    assert _consumed(resumed) == steps[2:], (steps, _consumed(resumed))
+    assert all(8 <= b - a <= 12 for a, b in zip([0] + steps, steps)), steps
