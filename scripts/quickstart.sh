@@ -12,7 +12,9 @@
 #   7. export back to HF                examples/qwen2vl/qwen2vl_convert_to_hf.py, loaded with transformers
 # Everything goes under ./ckpt, ./data and ./logs (git-ignored).  Re-running is safe: the model and
 # the images are reused when complete, every other output is replaced.
-# Knobs (environment): QS_IMAGES, QS_ITERS, QS_LR, QS_GBS, QS_PP_ITERS (0 skips the PP=2 run).
+# Knobs (environment): QS_IMAGES, QS_ITERS, QS_LR, QS_GBS, QS_PP_ITERS (0 skips the PP=2 run),
+# QS_PACKING (a pack size in tokens, e.g. 256: both runs pack samples into rows of at most that many
+# tokens; QS_GBS then counts packs and defaults to 3, about 8 samples; 0, the default, trains unpacked).
 set -eo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$SECONDS
@@ -20,7 +22,8 @@ START=$SECONDS
 QS_IMAGES=${QS_IMAGES:-24}
 QS_ITERS=${QS_ITERS:-300}
 QS_LR=${QS_LR:-2e-3}
-QS_GBS=${QS_GBS:-8}
+QS_PACKING=${QS_PACKING:-0}
+if [ "$QS_PACKING" -gt 0 ]; then QS_GBS=${QS_GBS:-3}; else QS_GBS=${QS_GBS:-8}; fi
 QS_PP_ITERS=${QS_PP_ITERS:-8}
 MIN_PIXELS=$((56 * 56))
 MAX_PIXELS=$((112 * 112))
@@ -112,20 +115,24 @@ python scripts/quickstart_steps.py data-json --out "$DATA_DIR/data.json" --model
     --cache-dir "$DATA_DIR/cache_dir" --min-pixels $MIN_PIXELS --max-pixels $MAX_PIXELS
 
 # ---- 5. fine-tuning -----------------------------------------------------------------------------
-step 5 "fine-tuning: finetune_qwen2vl_2b.sh, TP=1, $QS_ITERS iterations of $QS_GBS samples"
+PACKING=()
+UNIT=samples
+if [ "$QS_PACKING" -gt 0 ]; then PACKING=(--packing-max-tokens "$QS_PACKING"); UNIT="packs of at most $QS_PACKING tokens"; fi
+step 5 "fine-tuning: finetune_qwen2vl_2b.sh, TP=1, $QS_ITERS iterations of $QS_GBS $UNIT"
 rm -rf "$SAVE_DIR" "$SAVE_PP_DIR" "$LOGS"/*.log "$LOGS"/launcher
 TRAIN_ENV=(MM_DATA="$DATA_DIR/data.json" PRECISION=fp32 MBS=1 GBS="$QS_GBS" SEQ_LEN=1024 LR="$QS_LR"
            MIN_LR=1e-5 LR_WARMUP_FRACTION=0.05 CLIP_GRAD=1.0 LOG_DIR="$LOGS/launcher")
 env "${TRAIN_ENV[@]}" GPUS_PER_NODE=1 TP=1 PP=1 MM_MODEL="$MM_DIR/model.json" LOAD_PATH="$MM_DIR" \
     SAVE_PATH="$SAVE_DIR" TRAIN_ITERS="$QS_ITERS" LOG_INTERVAL=1 MASTER_PORT="$(free_port)" \
-    bash examples/qwen2vl/finetune_qwen2vl_2b.sh --device cpu | tee "$LOGS/train_tp1.log" | every_25th "$QS_ITERS"
+    bash examples/qwen2vl/finetune_qwen2vl_2b.sh --device cpu "${PACKING[@]}" | tee "$LOGS/train_tp1.log" \
+    | every_25th "$QS_ITERS"
 if [ "$QS_PP_ITERS" -gt 0 ]; then
     echo
     echo "the same fine-tuning on 2 pipeline stages (2 processes), $QS_PP_ITERS iterations: the losses follow the TP=1 run"
     env "${TRAIN_ENV[@]}" GPUS_PER_NODE=2 TP=1 PP=2 PIPELINE_NUM_LAYERS=0,2 MM_MODEL="$MM_PP_DIR/model.json" \
         LOAD_PATH="$MM_PP_DIR" SAVE_PATH="$SAVE_PP_DIR" TRAIN_ITERS="$QS_PP_ITERS" LOG_INTERVAL=1 \
         OMP_NUM_THREADS=1 MASTER_PORT="$(free_port)" \
-        bash examples/qwen2vl/finetune_qwen2vl_2b.sh --device cpu --lr-decay-iters "$QS_ITERS" \
+        bash examples/qwen2vl/finetune_qwen2vl_2b.sh --device cpu --lr-decay-iters "$QS_ITERS" "${PACKING[@]}" \
         | tee "$LOGS/train_pp2.log"
 fi
 

@@ -8,8 +8,11 @@ The rule (deterministic from the seed and the epoch):
    placed first-fit into packs of at most ``max_tokens`` LLM tokens (first-fit
    decreasing); a sample is never split, and one longer than ``max_tokens`` is dropped
    and counted as ``longer_than_pack``;
-3. packs keep the window order they were opened in, so a window's samples are trained
-   on together (the shuffle stays local to ``window`` samples).
+3. a window's packs are then trained in a seeded random order (by seed, epoch and window),
+   not in the longest-first order they were opened in: otherwise every epoch would start with
+   its longest samples and end with its shortest, and the tail packs that fill no global batch
+   (left for the next epoch) would hold the same short samples every epoch, never trained.
+   A window's samples are still trained together (the shuffle stays local to ``window`` samples).
 
 :func:`deal` then spreads the packs of one global batch over the data-parallel ranks x
 micro-batches so that each gets similar work on both the LLM (tokens) and the ViT
@@ -77,6 +80,8 @@ def plan_packs(lengths: Sequence[int], patches: Sequence[int], max_tokens: int, 
                 room[b] = max_tokens
             members[b].append(i)
             room[b] -= n
+        if shuffle:
+            members = [members[i] for i in np.random.default_rng([seed, epoch, start]).permutation(len(members))]
         for m in members:
             packs.append(np.asarray(m, np.int64))
             tokens.append(int(lengths[m].sum()))
