@@ -13,15 +13,15 @@ from tests.multiproc import run_ranks
 
 RANK, ALPHA = 4, 8.0
 GRAD_RTOL = 1e-5
-PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "merger.mlp.0", "merger.mlp.2"]
+LLM_PEFT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_TARGETS = LLM_PEFT + ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "merger.mlp.0", "merger.mlp.2"]
 
 
-def peft_model(hf, seed: int = 7):
-    """PEFT LoRA on every linear ours can adapt, A and B drawn at random (B non-zero, unlike PEFT's init)."""
+def peft_model(hf, seed: int = 7, targets=PEFT_TARGETS):
+    """PEFT LoRA on ``targets``, A and B drawn at random (B non-zero, unlike PEFT's init)."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=PEFT_TARGETS))
+    model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -42,7 +42,7 @@ def peft_adapters(model, grads: bool = False):
     return out
 
 
-def _rank_run(rank, world, tp, stage_layers, sequence_parallel=False):
+def _rank_run(rank, world, tp, stage_layers, sequence_parallel=False, llm_only=False, recompute=False):
     from mindspeed_mm.platform import setup_platform
 
     platform = setup_platform("cpu")
@@ -57,22 +57,25 @@ def _rank_run(rank, world, tp, stage_layers, sequence_parallel=False):
     init_distributed(platform, tp, len(stage_layers), seed=1)
     hf = hf_model()
     cfg = our_config(hf.config)
-    peft = peft_model(hf)
+    peft = peft_model(hf, targets=LLM_PEFT if llm_only else PEFT_TARGETS)
+    targets = lora.DEFAULT_TARGETS if llm_only else lora.TARGETS
     batch = make_batch("right", pad_to_multiple=tp if sequence_parallel else 1)
     ref = hf_forward(peft.base_model.model, batch)
     ref.loss.backward()
-    want = lora.full_to_hf(lora.hf_to_full(peft_adapters(peft, grads=True), SPECS(cfg), cfg), SPECS(cfg), cfg)
+    specs = lora.adapter_specs(QWEN2VL.mapping, cfg, targets)
+    want = lora.full_to_hf(lora.hf_to_full(peft_adapters(peft, grads=True), specs, cfg), specs, cfg)
 
     with torch.no_grad():  # the base weights without PEFT's wrappers
         base = {k.replace(".base_layer", ""): v for k, v in peft.base_model.model.state_dict().items()
                 if "lora_" not in k}
     hf_plain = hf_model()
     hf_plain.load_state_dict(base)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if recompute else {}
     model = build_our_model(hf_plain, cfg, tensor_parallel=tp, stage_layers=stage_layers,
                             sequence_parallel=sequence_parallel, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage())
-    settings = lora.LoRASettings(RANK, ALPHA, targets=lora.TARGETS)
-    specs = SPECS(cfg)
+                            post_process=ps.is_pipeline_last_stage(), **recompute)
+    settings = lora.LoRASettings(RANK, ALPHA, targets=targets)
     full = lora.hf_to_full(peft_adapters(peft), specs, cfg)
     tp_rank = ps.get_tensor_model_parallel_rank()
     adapters = lora.apply_lora(model, specs, settings, full, tp, tp_rank)
@@ -104,22 +107,12 @@ def _rank_run(rank, world, tp, stage_layers, sequence_parallel=False):
     destroy_distributed()
     numpy = lambda d: {k: v.detach().numpy().copy() for k, v in d.items()}  # noqa: E731 - tensors do not
     return dict(grads=numpy(grads), loss=loss, ref_loss=float(ref.loss), want=numpy(want),  # cross processes
-                base_grads=base_grads, adapters=len(adapters), specs=specs_count(cfg))
+                base_grads=base_grads, adapters=len(adapters), specs=[s.module for s in specs])
 
 
-def SPECS(cfg):  # noqa: N802 - every target
+def _check(results, adapted):
     from mindspeed_mm.models import lora
     from mindspeed_mm.models.qwen2vl import QWEN2VL
-
-    return lora.adapter_specs(QWEN2VL.mapping, cfg, lora.TARGETS)
-
-
-def specs_count(cfg):
-    return len(SPECS(cfg))
-
-
-def _check(results):
-    from mindspeed_mm.models import lora
     from tests.hf_reference import hf_model, our_config
 
     cfg = our_config(hf_model().config)
@@ -127,8 +120,8 @@ def _check(results):
     for r in results:
         full.update({k: torch.from_numpy(v) for k, v in r["grads"].items()})
         assert not r["base_grads"], r["base_grads"][:3]
-    specs = SPECS(cfg)
-    assert len(specs) == results[0]["specs"] == 2 * 4 + 3 * 4 + 2  # ViT 2 x 4, LLM 3 x 4, projector 2
+    specs = [s for s in lora.adapter_specs(QWEN2VL.mapping, cfg, lora.TARGETS) if s.module in results[0]["specs"]]
+    assert len(specs) == adapted
     ours = lora.full_to_hf(full, specs, cfg)
     want = {k: torch.from_numpy(v) for k, v in results[0]["want"].items()}
     assert set(ours) == set(want)
@@ -138,19 +131,30 @@ def _check(results):
     assert losses and all(abs(x - results[0]["ref_loss"]) <= 1e-5 * results[0]["ref_loss"] for x in losses), losses
 
 
+EVERY = 2 * 4 + 3 * 4 + 2  # ViT 2 layers x 4 linears, LLM 3 x 4, projector 2
+LLM = 3 * 4
+
+
 def test_lora_equals_peft_tp1():
-    _check(run_ranks(_rank_run, 1, timeout=300, tp=1, stage_layers=[3]))
+    _check(run_ranks(_rank_run, 1, timeout=300, tp=1, stage_layers=[3]), EVERY)
 
 
 def test_lora_equals_peft_tp2():
-    _check(run_ranks(_rank_run, 2, timeout=300, tp=2, stage_layers=[3]))
+    _check(run_ranks(_rank_run, 2, timeout=300, tp=2, stage_layers=[3]), EVERY)
 
 
 @pytest.mark.slow
 def test_lora_equals_peft_tp2_sequence_parallel():
-    _check(run_ranks(_rank_run, 2, timeout=300, tp=2, stage_layers=[3], sequence_parallel=True))
+    _check(run_ranks(_rank_run, 2, timeout=300, tp=2, stage_layers=[3], sequence_parallel=True), EVERY)
 
 
 @pytest.mark.slow
 def test_lora_equals_peft_tp2_pp2_empty_llm_first_stage():
-    _check(run_ranks(_rank_run, 4, timeout=400, tp=2, stage_layers=[0, 3]))
+    _check(run_ranks(_rank_run, 4, timeout=400, tp=2, stage_layers=[0, 3]), EVERY)
+
+
+@pytest.mark.slow
+def test_lora_llm_only_full_recompute_pp2():
+    """The default targets (LLM only) under full recompute: stage 0's first layer is checkpointed with an
+    input from frozen weights (the embedding), which must still back-propagate to its adapters."""
+    _check(run_ranks(_rank_run, 2, timeout=400, tp=1, stage_layers=[1, 2], llm_only=True, recompute=True), LLM)

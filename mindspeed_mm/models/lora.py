@@ -353,6 +353,7 @@ def apply_lora(model, specs: Sequence[AdapterSpec], settings: LoRASettings, full
         linear.add_module(ADAPTER, adapter.to(linear.weight.device))
         linear.register_forward_hook(_add_adapter_output)
         adapters[name] = adapter
+    model.input_needs_grad = True
     return adapters
 
 

@@ -76,6 +76,7 @@ class Qwen2VLModel(MegatronModule):
             self.vision_projector = VisionProjector(cfg.vision, vision_config)
         self.language_model = Qwen2LanguageModel(cfg, config, pre_process, post_process)
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+        self.input_needs_grad = False  # set by models/lora.apply_lora: only adapters train
         self._freeze()
 
     # ---- freezing ------------------------------------------------------------------------
@@ -148,6 +149,9 @@ class Qwen2VLModel(MegatronModule):
                                    self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
             features = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
             decoder_input = self.language_model.embed(input_ids, features)
+            if self.input_needs_grad and torch.is_grad_enabled() and not decoder_input.requires_grad:
+                # Frozen embedding (LoRA): full recompute and the pipeline's backward need a graph from here.
+                decoder_input = decoder_input.detach().requires_grad_()
         inference = {} if inference_context is None else dict(inference_context=inference_context,
                                                               runtime_gather_output=True)
         return self.language_model(input_ids, position_ids, padding_to_megatron_mask(attention_mask),
