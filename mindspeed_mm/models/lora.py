@@ -25,7 +25,6 @@ forms: full (our module names, global layer index, TP=1: ``<module>.lora_A.<k>``
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.mapping import COLUMN, GATED_COLUMN, ROW, TEXT_LAYER, Entry, MappingTable, Rows
+from mindspeed_mm.models.parallel import stage_offsets
 
 # --lora-target-modules vocabulary: megatron module names; "vision." / "projector." pick the ViT blocks and
 # the patch merger, a bare name the LLM decoder layers (Megatron-Bridge's default set).
@@ -313,25 +313,28 @@ def _add_adapter_output(linear, args, output):
     return out + linear.lora(args[0]).to(out.dtype), bias
 
 
-_LOCAL_TEXT_LAYER = re.compile(re.escape(TEXT_LAYER.split("{i}")[0]) + r"(\d+)\.")
+_TEXT_PREFIX = TEXT_LAYER.split("{i}")[0]  # "language_model.decoder.layers."
 
 
-def stage_adapter_specs(model, specs: Sequence[AdapterSpec]) -> Dict[str, AdapterSpec]:
-    """{local module name in this stage: spec} for the adapted linears this pipeline stage holds."""
-    by_name = {s.module: s for s in specs}
-    offset = model.language_model.decoder.layers[0].layer_number - 1 if _has_text_layers(model) else 0
+def stage_specs(specs: Sequence[AdapterSpec], stage_layers: Sequence[int], pp_rank: int) -> Dict[str, AdapterSpec]:
+    """{local module name: spec} of the adapted linears pipeline stage ``pp_rank`` holds (decoder layers
+    numbered from 0 in each stage, as megatron names and saves them; the ViT and projector on stage 0)."""
+    lo = stage_offsets(stage_layers)[pp_rank]
+    hi = lo + stage_layers[pp_rank]
     out = {}
-    for name, _ in model.named_modules():
-        global_name = _LOCAL_TEXT_LAYER.sub(lambda m: f"{TEXT_LAYER.split('{i}')[0]}{int(m.group(1)) + offset}.",
-                                            name, count=1)
-        if global_name in by_name:
-            out[name] = by_name[global_name]
+    for s in specs:
+        if s.module.startswith(_TEXT_PREFIX):
+            layer, rest = s.module[len(_TEXT_PREFIX):].split(".", 1)
+            if lo <= int(layer) < hi:
+                out[f"{_TEXT_PREFIX}{int(layer) - lo}.{rest}"] = s
+        elif pp_rank == 0:
+            out[s.module] = s
     return out
 
 
-def _has_text_layers(model) -> bool:
-    decoder = getattr(model.language_model, "decoder", None)
-    return decoder is not None and len(decoder.layers) > 0
+def state_key(local_module: str, matrix: str, k: int) -> str:
+    """An adapter tensor's name in a stage's state dict: ``<linear>.lora.lora_A.<k>``."""
+    return f"{local_module}.{ADAPTER}.lora_{matrix}.{k}"
 
 
 def apply_lora(model, specs: Sequence[AdapterSpec], settings: LoRASettings, full: Mapping[str, torch.Tensor],
@@ -340,9 +343,12 @@ def apply_lora(model, specs: Sequence[AdapterSpec], settings: LoRASettings, full
     adapter state ``full``, e.g. :func:`init_full`).  Returns {local module name: adapter}."""
     for p in model.parameters():
         p.requires_grad_(False)
+    from megatron.core import parallel_state
+
     modules = dict(model.named_modules())
     adapters = {}
-    for name, spec in stage_adapter_specs(model, specs).items():
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    for name, spec in stage_specs(specs, model.stage_layers, pp_rank).items():
         linear = modules[name]
         dtype = linear.weight.dtype
         adapter = LoRAAdapter(spec, settings, tp_size, bool(getattr(linear, "sequence_parallel", False)),
@@ -362,11 +368,26 @@ def adapters_of(model) -> Dict[str, LoRAAdapter]:
     return {name[:-len("." + ADAPTER)]: m for name, m in model.named_modules() if isinstance(m, LoRAAdapter)}
 
 
-def local_to_full_names(adapters: Mapping[str, LoRAAdapter]) -> Dict[str, str]:
-    """{local adapter parameter name: full name} (e.g. ``...linear_qkv.lora.lora_A.0`` -> ``...lora_A.0``)."""
-    out = {}
-    for name, adapter in adapters.items():
-        for k in range(len(adapter.spec.shapes)):
-            out[f"{name}.{ADAPTER}.lora_A.{k}"] = adapter.spec.a_name(k)
-            out[f"{name}.{ADAPTER}.lora_B.{k}"] = adapter.spec.b_name(k)
-    return out
+def adapter_state(model) -> Dict[str, torch.Tensor]:
+    """This stage's adapter tensors by :func:`state_key` (what a LoRA checkpoint's rank file holds)."""
+    return {state_key(name, m, k): t.detach() for name, adapter in adapters_of(model).items()
+            for k, (a, b) in enumerate(zip(adapter.lora_A, adapter.lora_B)) for m, t in (("A", a), ("B", b))}
+
+
+def merge_stage_states(specs: Sequence[AdapterSpec], states: Mapping[Tuple[int, int], Mapping[str, torch.Tensor]],
+                       tp_size: int, stage_layers: Sequence[int], source=lambda tp, pp: f"rank ({tp}, {pp})"
+                       ) -> Dict[str, torch.Tensor]:
+    """The full adapter state from every (tp_rank, pp_rank) stage state (inverse of sharding by stage)."""
+    full = {}
+    for pp in range(len(stage_layers)):
+        for local, spec in stage_specs(specs, stage_layers, pp).items():
+            pieces = []
+            for tp in range(tp_size):
+                keys = [state_key(local, m, k) for k in range(len(spec.shapes)) for m in ("A", "B")]
+                missing = [k for k in keys if k not in states[(tp, pp)]]
+                if missing:
+                    raise UserError(f"{source(tp, pp)}: no adapter {missing[0]} (saved with other "
+                                    f"--lora-target-modules or pipeline split?)")
+                pieces.append([states[(tp, pp)][k] for k in keys])
+            full.update(merge(spec, pieces))
+    return full
