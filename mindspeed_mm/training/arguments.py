@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving) when the iteration is a multiple of N")
 
+    g = p.add_argument_group("LoRA (off without --lora-rank)")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank on the target linears; every base weight is frozen")
+    g.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / rank (default: 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora-target-modules", default=None, metavar="MODULES",
+                   help="comma-separated megatron linears: linear_qkv, linear_proj, linear_fc1, linear_fc2 (the "
+                        "LLM's, the default), vision.<same> (the ViT's), projector.linear_fc1, projector.linear_fc2")
+
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=None)

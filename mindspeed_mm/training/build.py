@@ -9,6 +9,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mindspeed_mm.constants import torch_dtype
 from mindspeed_mm.models import spec_of
+from mindspeed_mm.training.adapters import attach as attach_adapters
 from mindspeed_mm.training.config import TrainingConfig
 
 
@@ -19,6 +20,8 @@ def build_model(config: TrainingConfig, model_cfg):
         model_cfg, config.parallel.model_settings(),
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     model.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask for (as Megatron-LM's get_model)
+    if config.lora.enabled:  # every base weight frozen, adapters trained (before DDP sizes its buffers)
+        attach_adapters(model, config, model_cfg, ps.get_tensor_model_parallel_rank())
     # Frozen parts (model JSON freeze_*) have requires_grad=False: no gradient buffer,
     # no optimizer state, no share of the grad norm.
     mcore = model.config

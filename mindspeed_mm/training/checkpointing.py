@@ -21,10 +21,14 @@ from megatron.core import parallel_state as ps
 
 from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, OPTIM_FILE, TRACKER, iteration_dir, rank_dir,
                                read_tracker, write_tracker)
+from checkpoint.lora_io import read_lora_record, write_lora_record
 from checkpoint.staging import disk_full_error
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import replace_dir
+from mindspeed_mm.models import lora
+from mindspeed_mm.models.lora import adapter_state
 from mindspeed_mm.platform.rng import rng_state, set_rng_state
+from mindspeed_mm.training.adapters import base_of
 from mindspeed_mm.training.checkpoint_metadata import checkpoint_metadata, saved_stage_layers
 from mindspeed_mm.training.config import TrainingConfig
 from mindspeed_mm.training.preflight import check_resume, write_train_state
@@ -66,7 +70,8 @@ def save_checkpoint(save_dir: str, model, optimizer, scheduler, state: TrainStat
             saved = {
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": iteration,
-                "model": unwrap(model).state_dict(),
+                # A LoRA run saves what it trains: the adapters (its base is named in lora.json).
+                "model": adapter_state(unwrap(model)) if config.lora.enabled else unwrap(model).state_dict(),
                 "train_state": state.saved(),
                 **checkpoint_metadata(config, scheduler),
             }
@@ -97,7 +102,7 @@ def save_checkpoint(save_dir: str, model, optimizer, scheduler, state: TrainStat
                            else "no earlier checkpoint exists") + "; free space and resume from it")
     torch.distributed.barrier()
     if rank == 0:
-        _publish(save_dir, tmp, final, iteration, model_cfg)
+        _publish(save_dir, tmp, final, iteration, model_cfg, base_of(config) if config.lora.enabled else None)
     torch.distributed.barrier()
     return final
 
@@ -120,11 +125,13 @@ def _ensure_optimizer_state(optimizer) -> None:
                         opt.init_state_fn(inner, getattr(opt, "config", None))
 
 
-def _publish(save_dir, tmp, final, iteration, model_cfg):
+def _publish(save_dir, tmp, final, iteration, model_cfg, lora_record=None):
     """Rename the finished temporary directory into place, then move the tracker."""
     replace_dir(tmp, final)  # re-saving an iteration (a signal right after a save) replaces it
     model_json = os.path.join(save_dir, "model.json")
     model_cfg.save(model_json)
+    if lora_record is not None:
+        write_lora_record(save_dir, lora_record)
     write_tracker(save_dir, iteration)
 
 
@@ -146,21 +153,17 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, config: Training
     tag = read_tracker(load_dir) if c.ckpt_step is None else c.ckpt_step
     if tag is None:
         raise UserError(f"--load {load_dir}: no {TRACKER} and no release/ directory: not a checkpoint")
-    path = rank_dir(iteration_dir(load_dir, tag), ps.get_tensor_model_parallel_rank(),
-                    ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size())
-    path_file = os.path.join(path, MODEL_FILE)
-    if not os.path.isfile(path_file):
-        raise UserError(f"--load {load_dir}: {path_file} not found: the checkpoint was written for another "
-                        f"tensor/pipeline layout than TP={ps.get_tensor_model_parallel_world_size()} "
-                        f"PP={ps.get_pipeline_model_parallel_world_size()} (re-convert or reshard it)")
-    try:
-        state = torch.load(path_file, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as exc:  # truncated or damaged (a full disk, a killed copy)
-        raise UserError(f"--load: {path_file} is unreadable ({str(exc).splitlines()[0]}); load an earlier "
-                        f"iteration with --ckpt-step N") from None
-    _load_model_state(unwrap(model), state["model"], path_file)
+    lora_record = read_lora_record(load_dir) if config.lora.enabled else None
+    if lora_record is not None:  # a LoRA save: its base first, then (below) its adapters
+        base_path, base_state = _read_rank_file(lora_record.base, lora_record.base_iteration)
+        _load_model_state(unwrap(model), base_state["model"], base_path, part="base")
+        del base_state
+    path_file, state = _read_rank_file(load_dir, tag)
+    part = None if not config.lora.enabled else "adapters" if lora_record is not None else "base"
+    _load_model_state(unwrap(model), state["model"], path_file, part=part)
 
-    weights_only = tag == "release" or c.finetune
+    # A LoRA run on a full checkpoint starts there: its optimizer and schedule were the full run's.
+    weights_only = tag == "release" or c.finetune or part == "base"
     if weights_only:
         return TrainState()
     _check_same_layout(saved_stage_layers(state), config, path_file)
@@ -172,7 +175,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, config: Training
         with torch.no_grad():  # fp32 main params can be views of the model's leaf parameters
             optimizer.load_state_dict(state["optimizer"])
             if config.parallel.use_distributed_optimizer:
-                _load_parameter_state(optimizer, os.path.join(path, OPTIM_FILE))
+                _load_parameter_state(optimizer, os.path.join(os.path.dirname(path_file), OPTIM_FILE))
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if not c.no_load_rng:
         if "rng_state" not in state:
@@ -180,6 +183,22 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, config: Training
         rngs = state["rng_state"]
         set_rng_state(rngs[ps.get_data_parallel_rank() % len(rngs)])
     return TrainState.from_saved(state["iteration"], state["train_state"])
+
+
+def _read_rank_file(load_dir: str, tag):
+    """(path, contents) of this rank's file of iteration ``tag`` of ``load_dir``."""
+    path = rank_dir(iteration_dir(load_dir, tag), ps.get_tensor_model_parallel_rank(),
+                    ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size())
+    path_file = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(path_file):
+        raise UserError(f"--load {load_dir}: {path_file} not found: the checkpoint was written for another "
+                        f"tensor/pipeline layout than TP={ps.get_tensor_model_parallel_world_size()} "
+                        f"PP={ps.get_pipeline_model_parallel_world_size()} (re-convert or reshard it)")
+    try:
+        return path_file, torch.load(path_file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as exc:  # truncated or damaged (a full disk, a killed copy)
+        raise UserError(f"--load: {path_file} is unreadable ({str(exc).splitlines()[0]}); load an earlier "
+                        f"iteration with --ckpt-step N") from None
 
 
 def _load_parameter_state(optimizer, filename: str) -> None:
@@ -209,8 +228,12 @@ def _load_parameter_state(optimizer, filename: str) -> None:
             del opt._set_main_param_and_optimizer_states
 
 
-def _load_model_state(model, saved: dict, source: str) -> None:
+def _load_model_state(model, saved: dict, source: str, part=None) -> None:
+    """``part``: None (every tensor), "base" (all but LoRA adapters) or "adapters" (those only)."""
     own = model.state_dict()
+    if part is not None:
+        adapter = lambda k: f".{lora.ADAPTER}.lora_" in k  # noqa: E731
+        own = {k: v for k, v in own.items() if adapter(k) == (part == "adapters")}
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in saved.items()
              if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
@@ -219,7 +242,7 @@ def _load_model_state(model, saved: dict, source: str) -> None:
                         f"{list(have)} in the checkpoint, {list(want)} here: the checkpoint was written for another "
                         f"model (--mm-model) or tensor-parallel size (--tensor-model-parallel-size)")
     missing, unexpected = model.load_state_dict(saved, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and k in own]
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
     if missing or unexpected:
         what = (f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else "") + \

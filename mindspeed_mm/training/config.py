@@ -139,6 +139,32 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA (off without --lora-rank): adapters on the targeted linears train, every base weight is frozen
+    (mindspeed_mm/models/lora.py); checkpoints then hold the adapters and name their base."""
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None  # None: 2 x rank
+    lora_dropout: float = 0.0
+    lora_target_modules: Optional[str] = None  # comma-separated; None: the LLM's four linears
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank is not None
+
+    @property
+    def settings(self):
+        """models.lora.LoRASettings (validated on construction), or None without LoRA."""
+        if not self.enabled:
+            return None
+        from mindspeed_mm.models.lora import DEFAULT_TARGETS, LoRASettings
+
+        targets = DEFAULT_TARGETS if self.lora_target_modules is None else tuple(
+            t.strip() for t in self.lora_target_modules.replace(" ", ",").split(",") if t.strip())
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return LoRASettings(self.lora_rank, alpha, self.lora_dropout, targets)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Progress lines, TensorBoard and evaluation on the held-out split."""
     log_interval: int = 100
@@ -164,6 +190,7 @@ class TrainingConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 1234
@@ -225,6 +252,7 @@ def validate(config: TrainingConfig, model_cfg, world_size: int) -> TrainingConf
     _check_batches(config.batches)
     _check_schedule(config.schedule, config.optimization)
     _check_checkpoints(config.checkpoints)
+    _check_lora(config.lora, config.checkpoints)
     _check_logging(config.logging)
     _check_syntax(config)
     return config
@@ -297,6 +325,17 @@ def _check_checkpoints(c: CheckpointConfig) -> None:
         raise UserError("--save-interval needs --save")
     if c.exit_interval is not None and c.exit_interval < 1:
         raise UserError(f"--exit-interval must be >= 1, got {c.exit_interval}")
+
+
+def _check_lora(lora: LoRAConfig, c: CheckpointConfig) -> None:
+    if not lora.enabled:
+        for flag, value in (("--lora-alpha", lora.lora_alpha), ("--lora-target-modules", lora.lora_target_modules)):
+            if value is not None:
+                raise UserError(f"{flag} needs --lora-rank (LoRA is off without it)")
+        return
+    lora.settings  # rank, alpha, dropout and target names, checked on construction
+    if not c.load:
+        raise UserError("--lora-rank needs --load: the checkpoint whose weights the adapters train on")
 
 
 def _check_logging(g: LoggingConfig) -> None:

@@ -26,6 +26,7 @@ from checkpoint.layout import (MODEL_FILE, TRACKER, format_layout, iteration_dir
 from mindspeed_mm.data.config import PackingParam, validate_data_json
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import write_text_atomic
+from mindspeed_mm.training.adapters import check_lora_load
 from mindspeed_mm.models import load_model_config
 from mindspeed_mm.training.config import CheckpointConfig, TrainingConfig, validate
 
@@ -78,11 +79,24 @@ def check_run(config: TrainingConfig, world_size: int, node_rank: int = 0, probe
         config = _take_split_from_checkpoint(config, checkpoint)
     config = validate(config, model_cfg, world_size)
     if checkpoint is not None:
-        check_checkpoint(config, model_cfg, checkpoint)
+        lora_record = check_lora_load(config)
+        # LoRA on a full checkpoint starts at iteration 0 (weights only), whatever iteration it was saved at.
+        as_weights = config.lora.enabled and lora_record is None
+        check_checkpoint(_weights_only(config) if as_weights else config, model_cfg, checkpoint)
+        if lora_record is not None:  # the adapters' base: there, same model, same layout, readable
+            tag = lora_record.base_iteration
+            base = dataclasses.replace(config.checkpoints, load=lora_record.base,
+                                       ckpt_step=None if tag == "release" else int(tag))
+            check_checkpoint(_weights_only(dataclasses.replace(config, checkpoints=base)), model_cfg,
+                             _checkpoint_to_load(base))
     if config.checkpoints.save:
         # Only the first node: the others see node 0's lock on a shared file system.
         check_save_dir(config, model_cfg, probe_lock=probe_lock and node_rank == 0)
     return config, model_cfg, data_cfg
+
+
+def _weights_only(config: TrainingConfig) -> TrainingConfig:
+    return dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, finetune=True))
 
 
 # ---- the checkpoint to load ------------------------------------------------------

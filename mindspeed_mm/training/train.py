@@ -27,6 +27,7 @@ from mindspeed_mm.errors import UserError
 from mindspeed_mm.models import spec_of
 from mindspeed_mm.platform import setup_platform
 from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed, with_backend
+from mindspeed_mm.training.adapters import describe as describe_adapters
 from mindspeed_mm.training.batches import Batches
 from mindspeed_mm.training.build import build_model, build_optimizer, precision_summary
 from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
@@ -79,6 +80,8 @@ class Trainer:
             f"per iteration, {config.optimization.precision}")
 
         self.model = build_model(config, model_cfg)
+        if config.lora.enabled:
+            self.report.print(describe_adapters(self.model, config))
         self.optimizer, self.scheduler = build_optimizer(config, self.model)
         self.report.print(f"{config.optimization.precision}: {precision_summary(self.model, self.optimizer)}")
         self.state = self._load()
