@@ -147,9 +147,11 @@ class _Tapped(Mapping):
 
 def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optional[int] = None,
                      params_dtype: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     overwrite: bool = False, progress: bool = True) -> Summary:
+                     overwrite: bool = False, progress: bool = True,
+                     adjust: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> Summary:
     """Write ``save_dir`` as an HF folder (hub key layout, sharded safetensors + index) from any
-    TP x PP layout of ``load_dir``; config, tokenizer and processor files come from ``hf_dir``."""
+    TP x PP layout of ``load_dir``; config, tokenizer and processor files come from ``hf_dir``.
+    ``adjust(hub name, tensor)`` changes tensors on their way out (LoRA merged in: checkpoint/lora_io.py)."""
     start = time.time()
     raw_config, spec, cfg = read_hf_config(hf_dir)
     cfg = _checked_model_config(spec, load_dir, cfg, hf_dir)
@@ -166,13 +168,15 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
     summary = Summary(save_dir)
 
     def get(name):
-        t = hf_state[name]
+        t = hf_state[name] if adjust is None else adjust(name, hf_state[name])
         summary.parameters += t.numel()
         return t.to(cast) if cast is not None else t
 
     # Byte copies from the rank files unless a dtype cast needs the tensors in memory.
-    rank_files = None
-    if cast is None or {t.dtype for s in states.values() for t in s.values() if isinstance(t, torch.Tensor)} == {cast}:
+    rank_files = None  # adjusted tensors are computed: no byte copies
+    same_dtype = cast is None or {t.dtype for s in states.values() for t in s.values()
+                                  if isinstance(t, torch.Tensor)} == {cast}
+    if adjust is None and same_dtype:
         rank_files = read_rank_files({r: layout.rank_file(*r) for r in layout.ranks()})
     with staged_dir(save_dir) as tmp, _progress(len(hf_state), progress) as tick:
         pieces = plan_export(spec, cfg, full, rank_files, slow=get) if rank_files is not None else None

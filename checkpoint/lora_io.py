@@ -15,6 +15,7 @@ vLLM's LoRA loader read: ``adapter_config.json`` and ``adapter_model.safetensors
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -133,3 +134,34 @@ def write_peft_adapter(out_dir: str, hf_adapters: Mapping[str, torch.Tensor], se
         save_file(state, tmp, metadata={"format": "pt"})
     write_json_atomic(os.path.join(out_dir, PEFT_CONFIG), peft_config(settings, base_model), indent=2)
     return [PEFT_CONFIG, PEFT_WEIGHTS]
+
+
+def export_lora(load_dir: str, save_dir: str, hf_dir: str, iteration=None, merge: bool = False,
+                params_dtype: Optional[str] = None, overwrite: bool = False, **convert_kwargs):
+    """Export a LoRA save: a PEFT adapter folder for ``hf_dir``'s model, or (``merge``) a full HF folder
+    with the adapters folded into its base's weights (the ordinary export of the base, adjusted)."""
+    from checkpoint.convert import Summary, convert_mm_to_hf
+    from checkpoint.hf_io import read_hf_config
+    from checkpoint.staging import check_save_dir, staged_dir
+    from mindspeed_mm.constants import torch_dtype
+
+    start = time.time()
+    _, spec, cfg = read_hf_config(hf_dir)
+    record, full = read_adapters(load_dir, cfg, iteration)
+    specs = lora.adapter_specs(spec.mapping, cfg, record.settings.targets)
+    hf_adapters = lora.full_to_hf(full, specs, cfg)
+    if merge:
+        tag = record.base_iteration
+        return convert_mm_to_hf(record.base, save_dir, hf_dir, iteration=None if tag == "release" else int(tag),
+                                params_dtype=params_dtype, overwrite=overwrite,
+                                adjust=lora.merge_into(hf_adapters, record.settings.scale), **convert_kwargs)
+    check_save_dir(save_dir, overwrite, [load_dir, hf_dir])
+    summary = Summary(save_dir)
+    with staged_dir(save_dir) as tmp:
+        summary.files = write_peft_adapter(tmp, hf_adapters, record.settings, os.path.abspath(hf_dir),
+                                           torch_dtype(params_dtype) if params_dtype else None)
+        summary.bytes_written = sum(os.path.getsize(os.path.join(tmp, f)) for f in summary.files)
+    summary.tensors = len(hf_adapters)
+    summary.parameters = sum(t.numel() for t in hf_adapters.values())
+    summary.seconds = time.time() - start
+    return summary

@@ -7,6 +7,10 @@ Writes sharded safetensors (hub key layout) with model.safetensors.index.json an
 copies config, tokenizer, processor and generation files from --hf-dir; the layout is
 read from the checkpoint (its layout.json when present, checked against the rank files); the folder
 loads with Qwen2VLForConditionalGeneration.from_pretrained and serves with vLLM.
+
+A LoRA save (it has lora.json) exports as a PEFT adapter folder (adapter_config.json +
+adapter_model.safetensors, for peft.PeftModel.from_pretrained on --hf-dir's model, or vLLM's LoRA
+serving); with --merge-lora, as a full HF folder with the adapters folded into their base's weights.
 """
 import argparse
 import os
@@ -15,8 +19,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, convert_mm_to_hf  # noqa: E402
+from checkpoint.lora_io import export_lora, read_lora_record  # noqa: E402
 from mindspeed_mm.constants import DTYPES  # noqa: E402
-from mindspeed_mm.errors import cli_main  # noqa: E402
+from mindspeed_mm.errors import UserError, cli_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,6 +34,8 @@ def parse_args(argv=None):
     ap.add_argument("--params-dtype", choices=DTYPES, default=None,
                     help="default: keep the checkpoint's dtype")
     ap.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
+    ap.add_argument("--merge-lora", action="store_true",
+                    help="a LoRA save: write the full model with the adapters merged, not a PEFT adapter folder")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -37,10 +44,17 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    summary = convert_mm_to_hf(
-        args.load_dir, args.save_dir, args.hf_dir, iteration=args.iteration, params_dtype=args.params_dtype,
-        max_shard_bytes=int(args.max_shard_size_gb * 1e9), overwrite=args.overwrite,
-        progress=not args.no_progress)
+    common = dict(iteration=args.iteration, params_dtype=args.params_dtype, overwrite=args.overwrite)
+    if read_lora_record(args.load_dir) is not None:
+        summary = export_lora(args.load_dir, args.save_dir, args.hf_dir, merge=args.merge_lora,
+                              **({"max_shard_bytes": int(args.max_shard_size_gb * 1e9),
+                                  "progress": not args.no_progress} if args.merge_lora else {}), **common)
+    elif args.merge_lora:
+        raise UserError(f"--merge-lora: --load-dir {args.load_dir} is not a LoRA save (it has no lora.json)")
+    else:
+        summary = convert_mm_to_hf(args.load_dir, args.save_dir, args.hf_dir,
+                                   max_shard_bytes=int(args.max_shard_size_gb * 1e9),
+                                   progress=not args.no_progress, **common)
     print(summary)
     return 0
 

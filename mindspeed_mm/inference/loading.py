@@ -3,13 +3,15 @@
 Any saved layout loads at any tensor-parallel size: the rank files of the
 saved TP x PP grid are memory-mapped, merged one tensor at a time into the
 full state (the spec's merged_view, models/sharding.py) and cut again for this rank
-(Qwen2VLModel.load_full_state).  Inference runs the whole model on every
-rank (no pipeline stages).
+(Qwen2VLModel.load_full_state).  A LoRA save (lora.json) loads its base the
+same way and attaches its adapters, merged and cut again likewise.  Inference
+runs the whole model on every rank (no pipeline stages).
 """
 import functools
 import os
 import sys
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from mindspeed_mm.data.preprocess import load_processors as data_load_processors
 from mindspeed_mm.errors import UserError
@@ -112,8 +114,35 @@ def find_checkpoint(load: str, iteration: Optional[int]):
         raise _load_error(exc) from None
 
 
-def open_checkpoint(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], source: str):
-    """The full state of the checkpoint, merged lazily from its memory-mapped rank files, checked against
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    """What --load holds: the full weights (lazy, merged from the rank files) and, for a LoRA save, its
+    settings and full adapters (the weights are then its base's)."""
+    weights: Mapping
+    lora: Optional[Tuple[object, Dict[str, object]]] = None  # (LoRASettings, full adapters)
+
+
+def open_checkpoint(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], source: str) -> OpenedCheckpoint:
+    """--load opened and checked against ``cfg``; a LoRA save (lora.json) opens its base and reads its
+    adapters (from any TP x PP layout)."""
+    from checkpoint.lora_io import read_adapters, read_lora_record
+
+    record = read_lora_record(load)
+    if record is None:
+        return OpenedCheckpoint(_open_weights(cfg, load, iteration, source))
+    if not os.path.isdir(record.base):
+        raise UserError(f"--load {load}: the base checkpoint its lora.json names, {record.base}, is not there")
+    tag = record.base_iteration
+    weights = _open_weights(cfg, record.base, None if tag == "release" else int(tag), source)
+    try:
+        _, adapters = read_adapters(load, cfg, iteration)
+    except UserError as exc:
+        raise _load_error(exc) from None
+    return OpenedCheckpoint(weights, (record.settings, adapters))
+
+
+def _open_weights(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], source: str):
+    """The full state of a checkpoint, merged lazily from its memory-mapped rank files, checked against
     ``cfg``: every tensor's shape, and the LLM layers of each saved pipeline stage (layout.json)."""
     from checkpoint.layout import format_layout, read_layout
     from checkpoint.megatron_io import load_rank, stage_layers_of
@@ -132,12 +161,20 @@ def open_checkpoint(cfg: Qwen2VLConfig, load: str, iteration: Optional[int], sou
     return spec_of(cfg).merged_view(states, cfg, saved_layers, config_source=source, rank_name=layout.rank_file)
 
 
-def load_model(cfg: Qwen2VLConfig, full_state, tensor_parallel: int):
-    """The whole model on this rank (eval mode), TP-sharded for ``tensor_parallel``; call after init_distributed.
-    ``full_state``: open_checkpoint's (already checked against ``cfg``)."""
-    from mindspeed_mm.models import spec_of
+def load_model(cfg: Qwen2VLConfig, checkpoint: OpenedCheckpoint, tensor_parallel: int):
+    """The whole model on this rank (eval mode), TP-sharded for ``tensor_parallel``, with a LoRA save's
+    adapters attached; call after init_distributed.  ``checkpoint``: open_checkpoint's."""
+    from megatron.core import parallel_state
+
+    from mindspeed_mm.models import lora, spec_of
     from mindspeed_mm.models.parallel import ParallelSettings
 
-    model = spec_of(cfg).build_stage(cfg, ParallelSettings(tensor_parallel=tensor_parallel))
-    model.load_full_state(full_state, pp_rank=0)
+    spec = spec_of(cfg)
+    model = spec.build_stage(cfg, ParallelSettings(tensor_parallel=tensor_parallel))
+    model.load_full_state(checkpoint.weights, pp_rank=0)
+    if checkpoint.lora is not None:
+        settings, adapters = checkpoint.lora
+        specs = lora.adapter_specs(spec.mapping, cfg, settings.targets)
+        lora.apply_lora(model, specs, settings, adapters, tensor_parallel,
+                        parallel_state.get_tensor_model_parallel_rank())
     return model.eval()

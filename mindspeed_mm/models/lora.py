@@ -204,17 +204,25 @@ def full_to_hf(full: Mapping[str, torch.Tensor], specs: Sequence[AdapterSpec], c
     return out
 
 
+def merge_into(hf_adapters: Mapping[str, torch.Tensor], scale: float):
+    """``fold(hub name, tensor)``: an adapted projection's weight with its adapter folded in,
+    W + scale * B A (computed in fp32, returned in W's dtype); any other tensor unchanged."""
+    def fold(name: str, w: torch.Tensor) -> torch.Tensor:
+        module = name[:-len(".weight")] if name.endswith(".weight") else None
+        a = hf_adapters.get(f"{module}.lora_A.weight")
+        if a is None:
+            return w
+        b = hf_adapters[f"{module}.lora_B.weight"]
+        return (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    return fold
+
+
 def merged_weights(hf_base: Mapping[str, torch.Tensor], hf_adapters: Mapping[str, torch.Tensor],
                    specs: Sequence[AdapterSpec], scale: float) -> Dict[str, torch.Tensor]:
-    """HF weights with the adapters folded in, W + scale * B A (computed in fp32), for every adapted
-    projection (hub names; the other weights are not returned)."""
-    out = {}
-    for s in specs:
-        for hf_module in s.hf_modules:
-            w = hf_base[f"{hf_module}.weight"]
-            a, b = hf_adapters[f"{hf_module}.lora_A.weight"], hf_adapters[f"{hf_module}.lora_B.weight"]
-            out[f"{hf_module}.weight"] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
-    return out
+    """:func:`merge_into` over every adapted projection of ``hf_base`` (hub names; others left out)."""
+    fold = merge_into(hf_adapters, scale)
+    names = [f"{m}.weight" for s in specs for m in s.hf_modules]
+    return {n: fold(n, hf_base[n]) for n in names}
 
 
 def shard(spec: AdapterSpec, full: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> List[torch.Tensor]:
@@ -390,4 +398,18 @@ def merge_stage_states(specs: Sequence[AdapterSpec], states: Mapping[Tuple[int, 
                                     f"--lora-target-modules or pipeline split?)")
                 pieces.append([states[(tp, pp)][k] for k in keys])
             full.update(merge(spec, pieces))
+    check_shapes(specs, full, source(0, 0))
     return full
+
+
+def check_shapes(specs: Sequence[AdapterSpec], full: Mapping[str, torch.Tensor], source: str) -> None:
+    """Every full adapter tensor fits its linear ([r, in] / [out, r], one r): else the adapters were
+    trained on another model."""
+    rank = None
+    for s in specs:
+        for k, (rows, cols) in enumerate(s.shapes):
+            a, b = tuple(full[s.a_name(k)].shape), tuple(full[s.b_name(k)].shape)
+            rank = a[0] if rank is None else rank
+            if a != (rank, cols) or b != (rows, rank):
+                raise UserError(f"{source}: adapter {s.module} has shapes {list(a)} / {list(b)}, this model needs "
+                                f"[{rank}, {cols}] / [{rows}, {rank}]: the adapters were trained on another model")
