@@ -4,6 +4,7 @@ tests/test_lora_model.py):
 * iteration 1's loss is the base model's (B = 0 at init), and the loss falls;
 * only adapters are saved and only they have optimizer state; the checkpoint names its base;
 * TP=2 with the distributed optimizer: 2 iterations + resume for 2 more equal one 4-iteration run;
+* PP=2 with an empty-LLM first stage (nothing to train there) gives TP=2's losses;
 * bad input stops before torchrun with one line: rank 0, an unknown target, a LoRA save loaded without
   LoRA flags or with other ones, a LoRA save whose base is gone.
 """
@@ -99,6 +100,18 @@ def test_resume_continues_exactly(tiny, whole):
         assert _close(resumed[it], reference[it]), (it, resumed[it], reference[it])
 
 
+def test_pp2_empty_llm_first_stage_matches_tp2(tiny, whole):
+    """Stage 0 holds the ViT and the embedding only: no adapter, no gradient buffer, no optimizer state."""
+    _, out = whole
+    mm_pp = convert(tiny["hf"], str(tiny["root"] / "mm_pp2"), 1, [0, 2])
+    _, pp2 = run_training(train_flags(tiny["data"], os.path.join(mm_pp, "model.json"), iters=3, pp=2, extra=[
+        *LORA, "--use-distributed-optimizer", "--load", mm_pp, "--pipeline-num-layers", "0,2"]), nprocs=2)
+    reference, got = losses(out), losses(pp2)
+    assert sorted(got) == [1, 2, 3]
+    for it in (1, 2, 3):
+        assert _close(got[it], reference[it]), (it, got[it], reference[it])
+
+
 def _preflight(flags):
     """The launcher's check before torchrun: pretrain_qwen2vl.py --preflight."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_qwen2vl.py"), "--preflight", *flags],
@@ -129,3 +142,45 @@ def test_bad_lora_input_is_one_line(tiny, whole):
     record["base"] = str(tiny["root"] / "gone")
     json.dump(record, open(os.path.join(moved, "lora.json"), "w"))
     _one_error(_preflight(_flags(tiny, 8, "--load", moved)), "gone", "base")
+
+
+def test_lora_launcher_trains_resumes_and_exports(tiny, tmp_path):
+    """finetune_qwen2vl_2b_lora.sh with its defaults (rank 8, alpha 16, dropout 0.05, the LLM's linears;
+    CPU fp32 here), resumed by re-running it on its SAVE_PATH, then exported both ways: the PEFT folder on
+    the HF base and the merged HF folder give the same logits."""
+    from peft import PeftModel
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from tests.multiproc import free_port
+
+    mm11 = convert(tiny["hf"], str(tmp_path / "mm11"), 1, [2])
+    save = str(tmp_path / "save")
+    launcher_env = dict(env(), GPUS_PER_NODE="1", MBS="1", GBS="2", PRECISION="fp32", MM_DATA=tiny["data"],
+                        MM_MODEL=os.path.join(mm11, "model.json"), LOAD_PATH=mm11, SAVE_PATH=save,
+                        LOG_DIR=str(tmp_path / "logs"), MASTER_PORT=str(free_port()), TRAIN_ITERS="3")
+    script = os.path.join(ROOT, "examples", "qwen2vl", "finetune_qwen2vl_2b_lora.sh")
+    first = subprocess.run(["bash", script, "--device", "cpu", "--exit-interval", "2"], env=launcher_env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert "LoRA rank 8, alpha 16 (scale 2), dropout 0.05" in first.stdout and sorted(losses(first.stdout)) == [1, 2]
+    launcher_env.update(LOAD_PATH=save, MASTER_PORT=str(free_port()))
+    second = subprocess.run(["bash", script, "--device", "cpu"], env=launcher_env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "at iteration 2" in second.stdout and sorted(losses(second.stdout)) == [3]
+
+    export = os.path.join(ROOT, "examples", "qwen2vl", "qwen2vl_convert_to_hf.py")
+    for out, extra in (("adapter", []), ("merged", ["--merge-lora"])):
+        proc = subprocess.run([sys.executable, export, "--load-dir", save, "--save-dir", str(tmp_path / out),
+                               "--hf-dir", tiny["hf"], "--no-progress", *extra], env=env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    load = lambda path: Qwen2VLForConditionalGeneration.from_pretrained(  # noqa: E731
+        path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    peft = PeftModel.from_pretrained(load(tiny["hf"]), str(tmp_path / "adapter")).eval()
+    merged, base = load(str(tmp_path / "merged")), load(tiny["hf"])
+    ids = torch.tensor([[1, 5, 9, 300, 42, 7, 8, 1000]])
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (peft, merged, base))
+    assert float((a - b).abs().max()) < 1e-5
+    assert float((a - c).abs().max()) > 1e-4  # three iterations at 1e-4 moved the model
