@@ -14,14 +14,17 @@
 # the images are reused when complete, every other output is replaced.
 # Knobs (environment): QS_IMAGES, QS_ITERS, QS_LR, QS_GBS, QS_PP_ITERS (0 skips the PP=2 run),
 # QS_PACKING (a pack size in tokens, e.g. 256: both runs pack samples into rows of at most that many
-# tokens; QS_GBS then counts packs and defaults to 3, about 8 samples; 0, the default, trains unpacked).
+# tokens; QS_GBS then counts packs and defaults to 3, about 8 samples; 0, the default, trains unpacked),
+# QS_LORA (a LoRA rank, e.g. 16: both runs train LoRA adapters with finetune_qwen2vl_2b_lora.sh, QS_LR
+# defaults to 1e-2, and the export writes a PEFT adapter folder and the merged model; 0: full fine-tuning).
 set -eo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$SECONDS
 
 QS_IMAGES=${QS_IMAGES:-24}
 QS_ITERS=${QS_ITERS:-300}
-QS_LR=${QS_LR:-2e-3}
+QS_LORA=${QS_LORA:-0}
+if [ "$QS_LORA" -gt 0 ]; then QS_LR=${QS_LR:-1e-2}; else QS_LR=${QS_LR:-2e-3}; fi
 QS_PACKING=${QS_PACKING:-0}
 if [ "$QS_PACKING" -gt 0 ]; then QS_GBS=${QS_GBS:-3}; else QS_GBS=${QS_GBS:-8}; fi
 QS_PP_ITERS=${QS_PP_ITERS:-8}
@@ -115,16 +118,22 @@ python scripts/quickstart_steps.py data-json --out "$DATA_DIR/data.json" --model
     --cache-dir "$DATA_DIR/cache_dir" --min-pixels $MIN_PIXELS --max-pixels $MAX_PIXELS
 
 # ---- 5. fine-tuning -----------------------------------------------------------------------------
+LAUNCHER=examples/qwen2vl/finetune_qwen2vl_2b.sh
+LORA_ENV=()
+if [ "$QS_LORA" -gt 0 ]; then
+    LAUNCHER=examples/qwen2vl/finetune_qwen2vl_2b_lora.sh
+    LORA_ENV=(LORA_RANK="$QS_LORA" LORA_ALPHA=$((2 * QS_LORA)) LORA_DROPOUT=0)
+fi
 PACKING=()
 UNIT=samples
 if [ "$QS_PACKING" -gt 0 ]; then PACKING=(--packing-max-tokens "$QS_PACKING"); UNIT="packs of at most $QS_PACKING tokens"; fi
-step 5 "fine-tuning: finetune_qwen2vl_2b.sh, TP=1, $QS_ITERS iterations of $QS_GBS $UNIT"
+step 5 "fine-tuning: $(basename $LAUNCHER), TP=1, $QS_ITERS iterations of $QS_GBS $UNIT"
 rm -rf "$SAVE_DIR" "$SAVE_PP_DIR" "$LOGS"/*.log "$LOGS"/launcher
 TRAIN_ENV=(MM_DATA="$DATA_DIR/data.json" PRECISION=fp32 MBS=1 GBS="$QS_GBS" SEQ_LEN=1024 LR="$QS_LR"
-           MIN_LR=1e-5 LR_WARMUP_FRACTION=0.05 CLIP_GRAD=1.0 LOG_DIR="$LOGS/launcher")
+           MIN_LR=1e-5 LR_WARMUP_FRACTION=0.05 CLIP_GRAD=1.0 LOG_DIR="$LOGS/launcher" "${LORA_ENV[@]}")
 env "${TRAIN_ENV[@]}" GPUS_PER_NODE=1 TP=1 PP=1 MM_MODEL="$MM_DIR/model.json" LOAD_PATH="$MM_DIR" \
     SAVE_PATH="$SAVE_DIR" TRAIN_ITERS="$QS_ITERS" LOG_INTERVAL=1 MASTER_PORT="$(free_port)" \
-    bash examples/qwen2vl/finetune_qwen2vl_2b.sh --device cpu "${PACKING[@]}" | tee "$LOGS/train_tp1.log" \
+    bash $LAUNCHER --device cpu "${PACKING[@]}" | tee "$LOGS/train_tp1.log" \
     | every_25th "$QS_ITERS"
 if [ "$QS_PP_ITERS" -gt 0 ]; then
     echo
@@ -132,7 +141,7 @@ if [ "$QS_PP_ITERS" -gt 0 ]; then
     env "${TRAIN_ENV[@]}" GPUS_PER_NODE=2 TP=1 PP=2 PIPELINE_NUM_LAYERS=0,2 MM_MODEL="$MM_PP_DIR/model.json" \
         LOAD_PATH="$MM_PP_DIR" SAVE_PATH="$SAVE_PP_DIR" TRAIN_ITERS="$QS_PP_ITERS" LOG_INTERVAL=1 \
         OMP_NUM_THREADS=1 MASTER_PORT="$(free_port)" \
-        bash examples/qwen2vl/finetune_qwen2vl_2b.sh --device cpu --lr-decay-iters "$QS_ITERS" "${PACKING[@]}" \
+        bash $LAUNCHER --device cpu --lr-decay-iters "$QS_ITERS" "${PACKING[@]}" \
         | tee "$LOGS/train_pp2.log"
 fi
 
@@ -145,8 +154,15 @@ LOAD_PATH=$SAVE_DIR TOKENIZER_PATH=$HF_DIR MAX_NEW_TOKENS=24 MASTER_PORT="$(free
 
 # ---- 7. export ----------------------------------------------------------------------------------
 step 7 "export the fine-tuned checkpoint to Hugging Face format -> $EXPORT_DIR"
+MERGE=()
+if [ "$QS_LORA" -gt 0 ]; then
+    echo "the LoRA adapters as a PEFT folder -> $EXPORT_DIR-adapter (PeftModel.from_pretrained on $HF_DIR)"
+    python examples/qwen2vl/qwen2vl_convert_to_hf.py --load-dir "$SAVE_DIR" --save-dir "$EXPORT_DIR-adapter" \
+        --hf-dir "$HF_DIR" --overwrite
+    MERGE=(--merge-lora)  # and merged into the base: the folder checked below
+fi
 python examples/qwen2vl/qwen2vl_convert_to_hf.py --load-dir "$SAVE_DIR" --save-dir "$EXPORT_DIR" \
-    --hf-dir "$HF_DIR" --overwrite
+    --hf-dir "$HF_DIR" --overwrite "${MERGE[@]}"
 python scripts/quickstart_steps.py check-export --export-dir "$EXPORT_DIR" \
     --input "$DATA_DIR/mllm_format_llava_instruct_data.json" --answers "$LOGS/answers.jsonl" \
     --count 4 --out "$LOGS/export_check.json"

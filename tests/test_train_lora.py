@@ -4,7 +4,7 @@ tests/test_lora_model.py):
 * iteration 1's loss is the base model's (B = 0 at init), and the loss falls;
 * only adapters are saved and only they have optimizer state; the checkpoint names its base;
 * TP=2 with the distributed optimizer: 2 iterations + resume for 2 more equal one 4-iteration run;
-* PP=2 with an empty-LLM first stage (nothing to train there) gives TP=2's losses;
+* PP=2 with an empty-LLM first stage (nothing to train there) gives TP=2's losses, saved and resumed;
 * bad input stops before torchrun with one line: rank 0, an unknown target, a LoRA save loaded without
   LoRA flags or with other ones, a LoRA save whose base is gone.
 """
@@ -100,15 +100,22 @@ def test_resume_continues_exactly(tiny, whole):
         assert _close(resumed[it], reference[it]), (it, resumed[it], reference[it])
 
 
-def test_pp2_empty_llm_first_stage_matches_tp2(tiny, whole):
-    """Stage 0 holds the ViT and the embedding only: no adapter, no gradient buffer, no optimizer state."""
+def test_pp2_empty_llm_first_stage_matches_tp2_and_resumes(tiny, whole):
+    """Stage 0 holds the ViT and the embedding only: no adapter, no gradient buffer, no optimizer state
+    (saved as None); 2 iterations + a resume for 2 more give TP=2's 4-iteration losses."""
     _, out = whole
     mm_pp = convert(tiny["hf"], str(tiny["root"] / "mm_pp2"), 1, [0, 2])
-    _, pp2 = run_training(train_flags(tiny["data"], os.path.join(mm_pp, "model.json"), iters=3, pp=2, extra=[
-        *LORA, "--use-distributed-optimizer", "--load", mm_pp, "--pipeline-num-layers", "0,2"]), nprocs=2)
-    reference, got = losses(out), losses(pp2)
-    assert sorted(got) == [1, 2, 3]
-    for it in (1, 2, 3):
+    save = str(tiny["root"] / "pp2_save")
+
+    def flags(iters, load):
+        return train_flags(tiny["data"], os.path.join(mm_pp, "model.json"), iters=iters, pp=2, extra=[
+            *LORA, "--use-distributed-optimizer", "--load", load, "--save", save, "--pipeline-num-layers", "0,2"])
+
+    _, pp2 = run_training(flags(2, mm_pp), nprocs=2)  # saves stage 0 with an empty optimizer
+    _, resumed = run_training(flags(4, save), nprocs=2)
+    reference, got = losses(out), {**losses(pp2), **losses(resumed)}
+    assert sorted(got) == [1, 2, 3, 4] and "at iteration 2" in resumed
+    for it in (1, 2, 3, 4):
         assert _close(got[it], reference[it]), (it, got[it], reference[it])
 
 

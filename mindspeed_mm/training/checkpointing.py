@@ -58,11 +58,14 @@ def save_checkpoint(save_dir: str, model, optimizer, scheduler, state: TrainStat
     if not c.no_save_rng:
         torch.distributed.all_gather_object(rngs, rng_state(), group=dp_group)
     save_optim = not c.no_save_optim and optimizer is not None
-    if save_optim:
+    # A stage with nothing to train (LoRA on the LLM, a first stage of ViT + embedding only) has an
+    # empty optimizer, which megatron's distributed optimizer cannot save: it is recorded as None.
+    trains = _stage_trains(model)
+    if save_optim and trains:
         _ensure_optimizer_state(optimizer)
     failure = None
     try:
-        if save_optim and config.parallel.use_distributed_optimizer:
+        if save_optim and trains and config.parallel.use_distributed_optimizer:
             os.makedirs(out_dir, exist_ok=True)
             optimizer.save_parameter_state(os.path.join(out_dir, OPTIM_FILE))  # collective over DP
         if ps.get_data_parallel_rank() == 0:
@@ -76,7 +79,7 @@ def save_checkpoint(save_dir: str, model, optimizer, scheduler, state: TrainStat
                 **checkpoint_metadata(config, scheduler),
             }
             if save_optim:
-                saved["optimizer"] = optimizer.state_dict()
+                saved["optimizer"] = optimizer.state_dict() if trains else None
                 saved["opt_param_scheduler"] = scheduler.state_dict()
             if not c.no_save_rng:
                 saved["rng_state"] = rngs
@@ -105,6 +108,10 @@ def save_checkpoint(save_dir: str, model, optimizer, scheduler, state: TrainStat
         _publish(save_dir, tmp, final, iteration, model_cfg, base_of(config) if config.lora.enabled else None)
     torch.distributed.barrier()
     return final
+
+
+def _stage_trains(model) -> bool:
+    return any(p.requires_grad for p in model.parameters())
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -172,10 +179,11 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, config: Training
         if "optimizer" not in state:
             raise UserError(f"{path_file}: saved without optimizer state (--no-save-optim); "
                             f"resume with --no-load-optim or use --finetune")
-        with torch.no_grad():  # fp32 main params can be views of the model's leaf parameters
-            optimizer.load_state_dict(state["optimizer"])
-            if config.parallel.use_distributed_optimizer:
-                _load_parameter_state(optimizer, os.path.join(os.path.dirname(path_file), OPTIM_FILE))
+        if state["optimizer"] is not None:  # None: this stage trains nothing (see save_checkpoint)
+            with torch.no_grad():  # fp32 main params can be views of the model's leaf parameters
+                optimizer.load_state_dict(state["optimizer"])
+                if config.parallel.use_distributed_optimizer:
+                    _load_parameter_state(optimizer, os.path.join(os.path.dirname(path_file), OPTIM_FILE))
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if not c.no_load_rng:
         if "rng_state" not in state:

@@ -20,6 +20,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.lora import ADAPTER
 from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
 from mindspeed_mm.models.language_model import Qwen2LanguageModel, check_image_tokens
 from mindspeed_mm.models.parallel import ParallelSettings
@@ -168,4 +169,7 @@ class Qwen2VLModel(MegatronModule):
         pp_rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
         shard = shard_state(MAPPING, full_state, self.cfg, self.parallel.tensor_parallel, tp_rank, self.stage_layers,
                             pp_rank)
-        self.load_state_dict(shard, strict=True)
+        missing, unexpected = self.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if f".{ADAPTER}.lora_" not in k]  # LoRA adapters are not base weights
+        if missing or unexpected:
+            raise RuntimeError(f"load_full_state: missing {missing[:3]}, unexpected {unexpected[:3]}")
