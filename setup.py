@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "peft>=0.21"],  # the LoRA reference (training never imports it)
         "npu": ["torch_npu"],
     },
 )

@@ -165,9 +165,15 @@ def make_image_processor(save_dir: str | None = None, min_pixels: int = 56 * 56,
 
 
 def make_tiny_qwen2vl(save_dir: str, seed: int = 0, min_pixels: int = 56 * 56,
-                      max_pixels: int = 224 * 224, with_model: bool = True, **config_overrides):
+                      max_pixels: int = 224 * 224, with_model: bool = True, head_scale: float = 1.0,
+                      **config_overrides):
     """Write tokenizer, image processor and (unless `with_model=False`) a random model
-    to `save_dir`. Returns the `Qwen2VLConfig` written."""
+    to `save_dir`. Returns the `Qwen2VLConfig` written.
+
+    ``head_scale`` multiplies the output layer: a random head (std 0.02) over a normalised hidden
+    state gives logits within about +-2.6, so no token can reach a probability that would bring the
+    loss below ~5.0 unless the head or the final norm is trained (LoRA trains neither); a pretrained
+    model's head is that sharp already."""
     import torch
 
     os.makedirs(save_dir, exist_ok=True)
@@ -186,6 +192,9 @@ def make_tiny_qwen2vl(save_dir: str, seed: int = 0, min_pixels: int = 56 * 56,
 
         torch.manual_seed(seed)
         model = Qwen2VLForConditionalGeneration(config)
+        if head_scale != 1.0:
+            with torch.no_grad():
+                model.lm_head.weight.mul_(head_scale)
         model.save_pretrained(save_dir)
     else:
         config.save_pretrained(save_dir)
@@ -206,10 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-pixels", type=int, default=56 * 56)
     ap.add_argument("--max-pixels", type=int, default=224 * 224)
+    ap.add_argument("--head-scale", type=float, default=1.0,
+                    help="multiply the output layer (a sharper head, as a pretrained model has: for LoRA demos)")
     args = ap.parse_args(argv)
     try:
         make_tiny_qwen2vl(args.save_dir, seed=args.seed, min_pixels=args.min_pixels,
-                          max_pixels=args.max_pixels)
+                          max_pixels=args.max_pixels, head_scale=args.head_scale)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
