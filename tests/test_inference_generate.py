@@ -71,15 +71,14 @@ def sharpen_attention(model, scale=6.0):
     return model
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def hf_world(root):
+    """The tiny HF folder (sharpened attention), two images and eval.json under `root`; returns
+    (hf_dir, model, images, per-record HF generation inputs of RECORDS)."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
-    from checkpoint.convert import convert_hf_to_mm
     from scripts.make_tiny_qwen2vl import make_image_processor, make_tokenizer
     from tests.hf_reference import TOKENS, hf_model
 
-    root = tmp_path_factory.mktemp("inference")
     hf_dir = str(root / "hf")
     model = sharpen_attention(hf_model())
     model.save_pretrained(hf_dir)
@@ -89,13 +88,6 @@ def world(tmp_path_factory):
               "tall.png": save_image(root / "tall.png", 56, 112, seed=2)}
     with open(root / "eval.json", "w") as f:
         json.dump(RECORDS, f)
-
-    convert_hf_to_mm(hf_dir, str(root / "tp2"), tensor_parallel_size=2, progress=False)
-    # A training save: TP=1 x PP=2 at iteration 3 (same weights).
-    convert_hf_to_mm(hf_dir, str(root / "trained"), pipeline_num_layers=[1, 2], progress=False)
-    shutil.move(str(root / "trained" / "release"), str(root / "trained" / "iter_0000003"))
-    (root / "trained" / "latest_checkpointed_iteration.txt").write_text("3\n")
-
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     image_processor = Qwen2VLImageProcessor.from_pretrained(hf_dir)
     parts = []
@@ -105,6 +97,22 @@ def world(tmp_path_factory):
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         inputs["mm_token_type_ids"] = (inputs["input_ids"] == TOKENS["image_token_id"]).int()
         parts.append(inputs)
+    return hf_dir, model, images, parts
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from checkpoint.convert import convert_hf_to_mm
+    from tests.hf_reference import TOKENS
+
+    root = tmp_path_factory.mktemp("inference")
+    hf_dir, model, images, parts = hf_world(root)
+    convert_hf_to_mm(hf_dir, str(root / "tp2"), tensor_parallel_size=2, progress=False)
+    # A training save: TP=1 x PP=2 at iteration 3 (same weights).
+    convert_hf_to_mm(hf_dir, str(root / "trained"), pipeline_num_layers=[1, 2], progress=False)
+    shutil.move(str(root / "trained" / "release"), str(root / "trained" / "iter_0000003"))
+    (root / "trained" / "latest_checkpointed_iteration.txt").write_text("3\n")
+
     single = [_hf_generate(model, {k: v for k, v in p.items() if v is not None})[0] for p in parts]
     batched = _hf_generate(model, _hf_inputs(parts, TOKENS["image_token_id"]))
     # A stop id: the first token of answer 0 that differs from the ones before it.

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.multiproc import run_ranks
-from tests.test_inference_generate import NEW, RECORDS, _hf_generate, _run_mains, sharpen_attention
+from tests.test_inference_generate import NEW, _hf_generate, _run_mains, hf_world
 
 RANK, ALPHA = 4, 8.0
 ITERATION = 5
@@ -53,26 +53,16 @@ def _write_lora_save(root: str, base: str, cfg, tp: int = 2):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2VLForConditionalGeneration
 
     from checkpoint.convert import convert_hf_to_mm
     from examples.qwen2vl.qwen2vl_convert_to_hf import main as export
     from peft import PeftModel
-    from scripts.make_tiny_qwen2vl import make_image_processor, make_tokenizer
-    from tests.data_fixtures import save_image
-    from tests.hf_reference import TOKENS, hf_model, our_config
-    from tests.test_inference_prompts import hf_generation_inputs
+    from tests.hf_reference import our_config
 
     root = tmp_path_factory.mktemp("lora_inference")
-    hf_dir = str(root / "hf")
-    model = sharpen_attention(hf_model())
-    model.save_pretrained(hf_dir)
-    make_tokenizer(hf_dir)
-    make_image_processor(hf_dir, 56 * 56, 112 * 112)
-    images = {"wide.png": save_image(root / "wide.png", 84, 56, seed=1),
-              "tall.png": save_image(root / "tall.png", 56, 112, seed=2)}
-    with open(root / "eval.json", "w") as f:
-        json.dump(RECORDS, f)
+    hf_dir, model, _, parts = hf_world(root)
+    parts = [{k: v for k, v in p.items() if v is not None} for p in parts]
     convert_hf_to_mm(hf_dir, str(root / "base"), tensor_parallel_size=2, progress=False)
     _write_lora_save(str(root / "lora"), str(root / "base"), our_config(model.config))
 
@@ -84,16 +74,6 @@ def world(tmp_path_factory):
         path, torch_dtype=torch.float32, attn_implementation="eager").eval()
     peft = PeftModel.from_pretrained(load(hf_dir), str(root / "adapter")).eval()
     merged = load(str(root / "merged"))
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    image_processor = Qwen2VLImageProcessor.from_pretrained(hf_dir)
-    parts = []
-    for r in RECORDS:
-        history = r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"]
-        inputs = hf_generation_inputs(tokenizer, image_processor, history, [images[p] for p in r.get("images", [])])
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == TOKENS["image_token_id"]).int()
-        parts.append({k: v for k, v in inputs.items() if v is not None})
     return dict(root=root, hf_dir=hf_dir, via_peft=[_hf_generate(peft, p)[0] for p in parts],
                 via_merged=[_hf_generate(merged, p)[0] for p in parts],
                 base=[_hf_generate(model, p)[0] for p in parts])

@@ -19,12 +19,4 @@ SAVE_PATH=${SAVE_PATH:-save_dir_lora}
 # and run PP=1 for DP=8.
 TP=${TP:-1}
 PP=${PP:-4}
-LR=${LR:-1.0e-4}   # adapters learn at LoRA's usual rates, 10x full fine-tuning's
-LORA_RANK=${LORA_RANK:-8}
-LORA_ALPHA=${LORA_ALPHA:-16}
-LORA_DROPOUT=${LORA_DROPOUT:-0.05}
-LORA_TARGETS=${LORA_TARGETS:-linear_qkv,linear_proj,linear_fc1,linear_fc2}   # add vision.* / projector.*
-
-set -- --lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" \
-    --lora-target-modules "$LORA_TARGETS" "$@"
-source "$(dirname "${BASH_SOURCE[0]}")/finetune_qwen2vl_common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/finetune_qwen2vl_lora_common.sh"
