@@ -6,6 +6,9 @@ Runs, each in a child process with ``--json``, every comparison the project
 makes against its reference, measured in the same run:
 
   train       training step: ours (the pretrain_qwen2vl.py stack) vs HF Qwen2-VL + torch AdamW, CPU fp32
+  packing     LLaVA-like samples: ours packed / unpacked vs HF padded batches of 4 and batch 1 (samples/s)
+  launcher    finetune_qwen2vl_2b.sh end to end (data.json defaults, data included) vs HF's step, tiny model
+  lora        LoRA vs full fine-tuning: step time, peak memory, gradient + optimizer bytes
   decode      KV-cached greedy decoding vs HF generate (the tiny model, batch 1; -wide: LLM 4 x 512, batch 8)
   preprocess  the data pipeline vs HF's Qwen2-VL processing
   convert     HF -> Megatron conversion of 2B-shaped weights vs cp -r, its peak RSS vs its largest file,
@@ -31,6 +34,9 @@ from scripts.bench_report import format_table, write_rows  # noqa: E402
 
 BENCHMARKS = {
     "train": ["scripts/bench_train.py"],
+    "packing": ["scripts/bench_packing.py"],
+    "launcher": ["scripts/bench_launcher.py"],
+    "lora": ["scripts/bench_lora.py"],
     "decode": ["scripts/bench_decode.py"],
     "decode-wide": ["scripts/bench_decode.py", "--hidden-size", "512", "--num-layers", "4", "--batch-size", "8"],
     "preprocess": ["scripts/bench_preprocess.py"],

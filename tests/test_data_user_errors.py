@@ -15,7 +15,7 @@ from mindspeed_mm.data.images import check_images, load_pixels
 from mindspeed_mm.data.llava import main as llava_main
 from mindspeed_mm.constants import IGNORE_INDEX
 from mindspeed_mm.data.template import Qwen2VLTemplate
-from mindspeed_mm.data.workers import effective_workers, usable_cores
+from mindspeed_mm.data.workers import effective_workers, spare_cores, usable_cores
 from mindspeed_mm.errors import UserError
 from tests.data_fixtures import data_config, make_processor_dir, save_image, write_json
 
@@ -99,6 +99,16 @@ def test_effective_workers():
     assert effective_workers(16, 1000) == min(16, cores)
     assert effective_workers(0, 1000) == 0
     assert effective_workers(2, 0) == 1
+    assert effective_workers(8, 1000, cores=0) == 0  # no spare core: load in-process
+    assert effective_workers(8, 1000, cores=3) == 3
+
+
+def test_spare_cores_leave_the_computation_its_cores():
+    cores = usable_cores()
+    assert spare_cores() == cores  # on an accelerator, one process: every core
+    assert spare_cores(computing_threads=cores) == 0  # CPU training on every core: no worker
+    assert spare_cores(2, 0) == cores // 2  # two processes share the node
+    assert spare_cores(2, 1) == max(0, cores - 2) // 2
 
 
 def test_preprocessing_and_loader_workers_are_capped(env):

@@ -130,12 +130,14 @@ def packing_line(sampler: PackedBatchSampler) -> str:
 def build_dataloader(dataset: Qwen2VLDataset, config: DataConfig, consumed_samples: int = 0,
                      seed: int = 1234, dp_rank: int = 0, dp_size: int = 1,
                      pad_to_multiple_of: int | None = None, pin_memory: bool | None = None,
-                     min_length: int = 0, log=print, packing: PackingParam | None = None, micro_batches: int = 1):
+                     min_length: int = 0, log=print, packing: PackingParam | None = None, micro_batches: int = 1,
+                     worker_cores: int | None = None):
     """An endless DataLoader of collated micro-batches for this data-parallel rank, resuming
     after `consumed_samples` global samples. `pad_to_multiple_of` (e.g. the tensor-parallel
     size under sequence parallelism) overrides collate_param.pad_to_multiple_of; batches are
     padded to at least `min_length` tokens. Starts no more loader workers than micro-batches
-    per epoch or usable cores.
+    per epoch or `worker_cores` (default: the usable cores; data.workers.spare_cores for a training
+    process; 0: the samples are loaded in the training process).
 
     With `packing`, a micro-batch is one row of `batch_size` packs (PackedBatchSampler, PackedCollator)
     and a global batch `batch_size` x `micro_batches` x `dp_size` packs."""
@@ -156,10 +158,11 @@ def build_dataloader(dataset: Qwen2VLDataset, config: DataConfig, consumed_sampl
         from mindspeed_mm.platform import current_platform
 
         pin_memory = dl.pin_memory and not current_platform().is_cpu
-    workers = effective_workers(dl.num_workers, len(sampler))
+    cores = usable_cores() if worker_cores is None else worker_cores
+    workers = effective_workers(dl.num_workers, len(sampler), cores)
     if workers != dl.num_workers:
         log(f"data: loader uses {workers} worker process(es) (dataloader_param.num_workers {dl.num_workers}, "
-            f"{len(sampler)} micro-batches per epoch, {usable_cores()} usable cores)")
+            f"{len(sampler)} micro-batches per epoch, {cores} spare core(s) of {usable_cores()} usable)")
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                        num_workers=workers, pin_memory=pin_memory,
                                        persistent_workers=workers > 0)

@@ -10,6 +10,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel as mcore_tp
 
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.platform import single_rank
 
 
 def init_distributed(platform, tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
@@ -30,6 +31,7 @@ def init_distributed(platform, tensor_parallel: int = 1, pipeline_parallel: int 
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(platform.backend, rank=rank, world_size=world,
                                              timeout=timedelta(minutes=timeout_minutes))
+    single_rank.install()  # DP=1: megatron's buffer collectives over one rank are skipped
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)

@@ -1,12 +1,21 @@
 """This data-parallel rank's micro-batches, moved to the device and padded as the flags say."""
 import dataclasses
+import os
 
 import torch
 from megatron.core import parallel_state as ps
 
 from mindspeed_mm.data.builder import build_dataloader
+from mindspeed_mm.data.workers import spare_cores
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.training.config import TrainingConfig
+
+
+def _worker_cores(device) -> int:
+    """This process's spare cores for loader workers: the node's training processes (torchrun's
+    LOCAL_WORLD_SIZE) share the cores, and on the CPU each one's torch threads compute on some."""
+    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
+    return spare_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), threads)
 
 
 class Batches:
@@ -28,7 +37,8 @@ class Batches:
             loader = build_dataloader(dataset, data_cfg, consumed_samples=consumed_samples, seed=config.seed,
                                       dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                                       pad_to_multiple_of=multiple, min_length=0 if b.variable_seq_lengths else fixed,
-                                      log=log, packing=packing, micro_batches=config.num_microbatches)
+                                      log=log, packing=packing, micro_batches=config.num_microbatches,
+                                      worker_cores=_worker_cores(device))
         except ValueError as exc:  # fewer samples than one micro-batch per data-parallel rank
             raise UserError(f"{config.paths.mm_data}: {exc}") from None
         self.iterator = iter(loader)

@@ -10,7 +10,6 @@ every segment.
 """
 import torch
 import torch.nn.functional as F
-from megatron.core.activations import quick_gelu
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -24,6 +23,15 @@ from mindspeed_mm.models.qwen2vl.config import VisionConfig
 from mindspeed_mm.models.transformer_configs import common_settings
 
 ROPE_THETA = 10000.0
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """HF's QuickGELUActivation, eager.  megatron-core's quick_gelu is wrapped in torch.compile, whose
+    guards cost ~7 ms a call on the CPU with a new patch count every batch (the tiny ViT's whole MLP
+    is less), and whose fused kernel rounds differently from HF's."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
 
 
