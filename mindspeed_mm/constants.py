@@ -5,6 +5,7 @@ No torch at import (the LLaVA converter and the launcher checks start without it
 IGNORE_INDEX = -100  # labels not supervised (prompt, padding); HF's and megatron's cross-entropy default
 
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a record's or a --prompt's text
+VIDEO_PLACEHOLDER = "<video>"  # where a video clip goes
 
 # Our dtype names (model JSON "dtype", --params-dtype, --bf16/--fp16) and HF config.json's torch_dtype names.
 DTYPES = ("bf16", "fp16", "fp32")

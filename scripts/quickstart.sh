@@ -20,6 +20,9 @@
 # LoRA trains neither the output layer nor the final norm, and a random head (std 0.02) cannot make any
 # token likely (loss stays above ~5), so the LoRA variant starts from a tiny model whose head is 10x
 # sharper, as a pretrained one's is: ckpt/hf_path/tiny-Qwen2-VL-sharp (make_tiny_qwen2vl.py --head-scale).
+# QS_VIDEO (a clip count, e.g. 16: scripts/make_tiny_clips.py draws that many clips of a square moving left,
+# right, up or down, trained on beside the images with "Which way does the square move?"; inference then
+# answers them too; 0, the default: images only).
 set -eo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$SECONDS
@@ -31,6 +34,10 @@ if [ "$QS_LORA" -gt 0 ]; then QS_LR=${QS_LR:-3e-3}; else QS_LR=${QS_LR:-2e-3}; f
 QS_PACKING=${QS_PACKING:-0}
 if [ "$QS_PACKING" -gt 0 ]; then QS_GBS=${QS_GBS:-3}; else QS_GBS=${QS_GBS:-8}; fi
 QS_PP_ITERS=${QS_PP_ITERS:-8}
+QS_VIDEO=${QS_VIDEO:-0}
+# The clips' sampling, as scripts/quickstart_steps.py VIDEO_SETTINGS writes it into data.json.
+VIDEO_FLAGS=(--video-fps 4 --video-min-frames 4 --video-max-frames 8 --video-min-pixels $((56 * 56))
+             --video-max-pixels $((112 * 112)))
 MIN_PIXELS=$((56 * 56))
 MAX_PIXELS=$((112 * 112))
 
@@ -115,13 +122,18 @@ else
     rm -rf "$DATA_DIR"
     python scripts/make_tiny_dataset.py --out-dir "$DATA_DIR" --num-images "$QS_IMAGES"
 fi
+VIDEOS=()
+if [ "$QS_VIDEO" -gt 0 ]; then
+    python scripts/make_tiny_clips.py "$DATA_DIR" --count "$QS_VIDEO"
+    VIDEOS=(--videos "$DATA_DIR/tiny_videos.json")
+fi
 python examples/qwen2vl/llava_instruct_2_mllm_demo_format.py \
     --llava-json "$DATA_DIR/llava_instruct_tiny.json" \
     --image-dir "$DATA_DIR/train2017" \
     --output "$DATA_DIR/mllm_format_llava_instruct_data.json"
 python scripts/quickstart_steps.py data-json --out "$DATA_DIR/data.json" --model-dir "$HF_DIR" \
     --dataset "$DATA_DIR/mllm_format_llava_instruct_data.json" --dataset-dir "$DATA_DIR" \
-    --cache-dir "$DATA_DIR/cache_dir" --min-pixels $MIN_PIXELS --max-pixels $MAX_PIXELS
+    --cache-dir "$DATA_DIR/cache_dir" --min-pixels $MIN_PIXELS --max-pixels $MAX_PIXELS "${VIDEOS[@]}"
 
 # ---- 5. fine-tuning -----------------------------------------------------------------------------
 LAUNCHER=examples/qwen2vl/finetune_qwen2vl_2b.sh
@@ -157,6 +169,13 @@ step 6 "inference on the training images: inference_qwen2vl_2b.sh --input ... --
 LOAD_PATH=$SAVE_DIR TOKENIZER_PATH=$HF_DIR MAX_NEW_TOKENS=24 MASTER_PORT="$(free_port)" \
     bash examples/qwen2vl/inference_qwen2vl_2b.sh --input "$DATA_DIR/mllm_format_llava_instruct_data.json" \
     --output "$LOGS/answers.jsonl" --batch-size 8
+rm -f "$LOGS/answers_videos.jsonl"
+if [ "$QS_VIDEO" -gt 0 ]; then
+    echo "and on the training clips: --input $DATA_DIR/tiny_videos.json ${VIDEO_FLAGS[*]}"
+    LOAD_PATH=$SAVE_DIR TOKENIZER_PATH=$HF_DIR MAX_NEW_TOKENS=8 MASTER_PORT="$(free_port)" \
+        bash examples/qwen2vl/inference_qwen2vl_2b.sh --input "$DATA_DIR/tiny_videos.json" \
+        --output "$LOGS/answers_videos.jsonl" --batch-size 8 "${VIDEO_FLAGS[@]}"
+fi
 
 # ---- 7. export ----------------------------------------------------------------------------------
 step 7 "export the fine-tuned checkpoint to Hugging Face format -> $EXPORT_DIR"
@@ -176,4 +195,5 @@ python scripts/quickstart_steps.py check-export --export-dir "$EXPORT_DIR" \
 echo
 python scripts/quickstart_steps.py report --train-log "$LOGS/train_tp1.log" --pp-log "$LOGS/train_pp2.log" \
     --pp-label "PP=2, stages [ViT+embedding | 2 layers]" --answers "$LOGS/answers.jsonl" \
+    --video-answers "$LOGS/answers_videos.jsonl" \
     --export-check "$LOGS/export_check.json" --seconds "$((SECONDS - START))"

@@ -19,8 +19,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mindspeed_mm.constants import IMAGE_PLACEHOLDER  # noqa: E402  (after the path setup)
+from mindspeed_mm.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER  # noqa: E402  (after the path setup)
 from mindspeed_mm.jsonio import write_json_atomic  # noqa: E402
+
+# The quickstart's clips (8-24 frames of at most 112x84 at 4-12 fps): 4-8 frames of at most 112x112 pixels,
+# 12-48 tokens a clip.  scripts/quickstart.sh passes the same to inference (--video-* flags).
+VIDEO_SETTINGS = dict(video_fps=4.0, video_min_frames=4, video_max_frames=8, video_min_pixels=56 * 56,
+                      video_max_pixels=112 * 112, video_total_pixels=None)
 
 # A Megatron-style progress line: "iteration   12/  200 | ... | lm loss: 1.234E+00 |"
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([-+0-9.naninfE]+) \|")
@@ -36,6 +41,9 @@ def data_json(args) -> None:
     pre.update(model_name_or_path=args.model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     basic.update(dataset_dir=args.dataset_dir, dataset=args.dataset, cache_dir=args.cache_dir,
                  preprocessing_num_workers=args.workers, cutoff_len=args.cutoff_len)
+    if args.videos:  # the clips' records too, and the tiny clips' sampling (VIDEO_SETTINGS)
+        basic["dataset"] = f"{args.dataset},{args.videos}"
+        pre.update(VIDEO_SETTINGS)
     # A few dozen small samples: loader worker processes would cost more than they save.
     loader.update(num_workers=0, pin_memory=False)
     write_json_atomic(args.out, cfg, indent=4)
@@ -122,17 +130,26 @@ def report(args) -> None:
                   f"{pp[max(pp)]:.3f} at iteration {max(pp)}; same batches as TP=1, largest loss difference "
                   f"over iterations {both[0]}-{both[-1]}: {gap:.1e}")
     print(f"answers on training images: {sum(correct)}/{len(rows)} correct (exact match)")
-    for r, ok in list(zip(rows, correct))[:args.show]:
-        question = " ".join(r["prompt"].replace(IMAGE_PLACEHOLDER, "").split())
-        print(f"  [{'ok' if ok else 'X '}] Q: {question}")
-        print(f"       expected: {r['reference']}")
-        print(f"       model:    {r['response']}")
+    _show(rows, correct, args.show)
+    if args.video_answers and os.path.isfile(args.video_answers):
+        rows = read_jsonl(args.video_answers)
+        correct = [normalise(r["response"]) == normalise(r["reference"] or "") for r in rows]
+        print(f"answers on training clips (which way the square moves): {sum(correct)}/{len(rows)} correct")
+        _show(rows, correct, min(args.show, 4))
     if args.export_check and os.path.isfile(args.export_check):
         with open(args.export_check) as f:
             check = json.load(f)
         print(f"export: {check['export_dir']} loads in transformers; its greedy answers equal ours on "
               f"{check['same']}/{check['compared']} images")
     print(bar)
+
+
+def _show(rows, correct, count) -> None:
+    for r, ok in list(zip(rows, correct))[:count]:
+        question = " ".join(r["prompt"].replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "").split())
+        print(f"  [{'ok' if ok else 'X '}] Q: {question}")
+        print(f"       expected: {r['reference']}")
+        print(f"       model:    {r['response']}")
 
 
 def main(argv=None) -> int:
@@ -150,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-pixels", type=int, required=True)
     p.add_argument("--cutoff-len", type=int, default=1024)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--videos", help="an MLLM file of video records (scripts/make_tiny_clips.py) to train on too")
     p.set_defaults(func=data_json)
 
     p = sub.add_parser("check-export", help="load the export with transformers and compare answers")
@@ -166,6 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--pp-log")
     p.add_argument("--pp-label", default="PP=2")
     p.add_argument("--answers", required=True)
+    p.add_argument("--video-answers")
     p.add_argument("--export-check")
     p.add_argument("--show", type=int, default=6)
     p.add_argument("--seconds", type=float, default=0.0)

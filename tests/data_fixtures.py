@@ -1,6 +1,7 @@
 """Shared helpers for the data tests: a tiny local processor and the HF reference path."""
 
 import json
+import re
 
 import numpy as np
 import torch
@@ -44,18 +45,18 @@ def write_json(path, obj):
 
 
 def hf_messages(messages):
-    """MLLM messages -> HF chat messages with {"type": "image"} items at the placeholders."""
+    """MLLM messages -> HF chat messages with {"type": "image"} / {"type": "video"} items at the placeholders."""
     out = []
     for m in messages:
         content = m["content"]
-        if "<image>" not in content:
+        if "<image>" not in content and "<video>" not in content:
             out.append({"role": m["role"], "content": content})
             continue
         items = []
-        for k, piece in enumerate(content.split("<image>")):
-            if k:
-                items.append({"type": "image"})
-            if piece:
+        for piece in re.split(r"(<image>|<video>)", content):
+            if piece in ("<image>", "<video>"):
+                items.append({"type": piece[1:-1]})
+            elif piece:
                 items.append({"type": "text", "text": piece})
         out.append({"role": m["role"], "content": items})
     return out

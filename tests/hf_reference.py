@@ -135,3 +135,76 @@ def hub_flat_config(hf_nested: dict) -> dict:
     flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     flat["model_type"] = "qwen2_vl"
     return flat
+
+
+# ---- videos (and images with videos) ------------------------------------------------------------
+VIDEO_GRIDS = ((2, 4, 6), (3, 2, 4))  # (t, h, w) in patches, t temporal patches of 2 frames: 12 and 6 tokens
+MM_TOKEN_TYPE = {"image": 1, "video": 2}  # transformers 5's mm_token_type_ids: text 0, image 1, video 2
+
+
+def _vision_item(kind: str, grid):
+    t, h, w = grid
+    return ([TOKENS["vision_start_token_id"]] + [TOKENS[f"{kind}_token_id"]] * (t * h * w // 4)
+            + [TOKENS["vision_end_token_id"]])
+
+
+def make_mm_batch(layouts, padding_side: str = "right", seed: int = 0, pad_to_multiple: int = 1):
+    """A batch of images and videos as HF's processors give it.
+
+    ``layouts``: per sample, its vision items in text order, e.g. ``[[("image", (1, 4, 6)), ("video", (2, 4, 6))],
+    [("video", (3, 2, 4))]]`` (t*h*w patches each; t*h*w/4 ``<|image_pad|>`` / ``<|video_pad|>`` tokens between
+    ``<|vision_start|>`` and ``<|vision_end|>``), text before, between and after them, then a supervised answer;
+    samples padded with PAD_ID on ``padding_side``.
+
+    dict: input_ids / attention_mask / labels / mm_token_type_ids [b, s]; pixel_values [n_image_patches, 1176]
+    and image_grid_thw [n_img, 3] (None without images); pixel_values_videos [n_video_patches, 1176] and
+    video_grid_thw [n_vid, 3] (None without videos), each in token order."""
+    samples, grids = [], {"image": [], "video": []}
+    for b, items in enumerate(layouts):
+        prompt = _tokens(3, seed + 10 * b)
+        for i, (kind, grid) in enumerate(items):
+            prompt += _vision_item(kind, grid) + _tokens(2, seed + 10 * b + i + 1)
+            grids[kind].append(tuple(grid))
+        samples.append((prompt, _tokens(5, seed + 10 * b + 9)))
+    seq = max(len(p) + len(a) for p, a in samples)
+    seq = -(-seq // pad_to_multiple) * pad_to_multiple
+    batch_size = len(samples)
+    input_ids = torch.full((batch_size, seq), PAD_ID)
+    labels = torch.full((batch_size, seq), -100)
+    attention_mask = torch.zeros(batch_size, seq, dtype=torch.long)
+    for b, (prompt, answer) in enumerate(samples):
+        n = len(prompt) + len(answer)
+        start = 0 if padding_side == "right" else seq - n
+        input_ids[b, start:start + n] = torch.tensor(prompt + answer)
+        labels[b, start + len(prompt):start + n] = torch.tensor(answer)
+        attention_mask[b, start:start + n] = 1
+    mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    for k, (kind, pixels_key) in enumerate((("image", "pixel_values"), ("video", "pixel_values_videos"))):
+        mm_token_type_ids[input_ids == TOKENS[f"{kind}_token_id"]] = MM_TOKEN_TYPE[kind]
+        if grids[kind]:
+            grid = torch.tensor(grids[kind])
+            gen = torch.Generator().manual_seed(seed + 5 + k)
+            batch[pixels_key] = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=gen)
+            batch[f"{kind}_grid_thw"] = grid
+        else:
+            batch[pixels_key] = batch[f"{kind}_grid_thw"] = None
+    batch["mm_token_type_ids"] = mm_token_type_ids
+    return batch
+
+
+def hf_forward_mm(model, batch, with_labels: bool = True):
+    """hf_forward for a make_mm_batch batch: images and videos (absent ones not passed)."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+            "pixel_values_videos", "video_grid_thw")
+    kwargs = {k: batch[k] for k in keys if batch[k] is not None}
+    if with_labels:
+        kwargs["labels"] = batch["labels"]
+    return model(**kwargs, use_cache=False)
+
+
+def our_forward_mm(model, batch, position_ids=None, labels=None, **kwargs):
+    """Our Qwen2VLModel on a make_mm_batch batch (keyword arguments, videos included)."""
+    return model(batch["input_ids"], position_ids, batch["attention_mask"], batch["pixel_values"],
+                 batch["image_grid_thw"], labels=labels, pixel_values_videos=batch["pixel_values_videos"],
+                 video_grid_thw=batch["video_grid_thw"], **kwargs)

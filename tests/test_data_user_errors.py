@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mindspeed_mm.data.builder import build_dataloader, build_train_valid_datasets
-from mindspeed_mm.data.config import DataConfigError, data_config_from_dict, validate_data_json
+from mindspeed_mm.data.config import data_config_from_dict, validate_data_json
 from mindspeed_mm.data.formats import Conversation
 from mindspeed_mm.data.images import check_images, load_pixels
 from mindspeed_mm.data.llava import main as llava_main

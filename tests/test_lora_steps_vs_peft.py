@@ -3,7 +3,6 @@ distributed Adam, clipping) with LoRA, next to PEFT's LoRA on the HF model + tor
 the same adapters to start with, the same batch of drawn conversations with images.  The losses follow
 each other step by step, and after the steps our adapters exported as a PEFT folder and loaded with
 ``PeftModel.from_pretrained`` on the HF base give our logits."""
-import os
 import tempfile
 
 from tests.multiproc import run_ranks

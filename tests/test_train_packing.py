@@ -8,7 +8,8 @@
   TP2 with sequence parallelism, and PP2 with an empty-LLM first stage.
 
 The samples are tests/hf_reference.py's: one with two images of different shapes, one text-only, plus a
-third with an image, so that a pack mixes image and text samples and images in two samples.
+third with an image and a fourth with a video clip and an image, so that a pack mixes image, video and text
+samples and images in three samples.
 """
 import pytest
 import torch
@@ -21,9 +22,7 @@ GRAD_RTOL = 1e-6
 
 
 def _samples(seed: int = 0):
-    """Three unpadded samples as Qwen2VLDataset items (positions by the model's rule, images per sample)."""
-    from mindspeed_mm.models.rope_index import get_rope_index
-
+    """Four unpadded samples as Qwen2VLDataset items (positions by the model's rule, images per sample)."""
     batch = make_batch("right", seed=seed)
     rows = []
     first_patches = sum(t * h * w for t, h, w in IMAGE_GRIDS)
@@ -42,13 +41,27 @@ def _samples(seed: int = 0):
     assert first_patches == batch["pixel_values"].shape[0]
     out = []
     for ids, labels, pixels, grid in rows:
-        pos, _ = get_rope_index(ids[None], grid, None, spatial_merge_size=2, image_token_id=TOKENS["image_token_id"],
-                                video_token_id=TOKENS["video_token_id"],
-                                vision_start_token_id=TOKENS["vision_start_token_id"])
-        out.append(dict(input_ids=ids, labels=labels, position_ids=pos[:, 0],
-                        mm_token_type_ids=(ids == TOKENS["image_token_id"]).long(), pixel_values=pixels,
-                        image_grid_thw=grid))
+        out.append(_item(ids, labels, pixels, grid))
+    # a fourth: a 2x2x4-patch video clip (4 tokens), text, a 2x2-patch image, an answer
+    vs, ve = TOKENS["vision_start_token_id"], TOKENS["vision_end_token_id"]
+    ids = torch.cat([torch.tensor([vs] + [TOKENS["video_token_id"]] * 4 + [ve]), torch.randint(0, 2000, (4,), generator=g),
+                     torch.tensor([vs, TOKENS["image_token_id"], ve]), torch.randint(0, 2000, (6,), generator=g)])
+    labels = torch.full_like(ids, -100)
+    labels[-5:] = ids[-5:]
+    out.append(_item(ids, labels, torch.randn(4, PATCH_DIM, generator=g), torch.tensor([[1, 2, 2]]),
+                     torch.randn(16, PATCH_DIM, generator=g), torch.tensor([[2, 2, 4]])))
     return out
+
+
+def _item(ids, labels, pixels, grid, video_pixels=None, video_grid=None):
+    """A Qwen2VLDataset item: positions by the model's rule, HF's mm_token_type_ids (1 image, 2 video)."""
+    from mindspeed_mm.models.rope_index import get_rope_index
+
+    pos, _ = get_rope_index(ids[None], grid, None, spatial_merge_size=2, image_token_id=TOKENS["image_token_id"],
+                            video_token_id=TOKENS["video_token_id"], video_grid_thw=video_grid)
+    mm = (ids == TOKENS["image_token_id"]).long() + 2 * (ids == TOKENS["video_token_id"]).long()
+    return dict(input_ids=ids, labels=labels, position_ids=pos[:, 0], mm_token_type_ids=mm, pixel_values=pixels,
+                image_grid_thw=grid, pixel_values_videos=video_pixels, video_grid_thw=video_grid)
 
 
 def _packed(samples, multiple: int = 1, min_length: int = 0):
@@ -66,14 +79,16 @@ def _unpacked(samples, multiple: int = 1):
 def _hf_alone(hf, sample):
     with torch.no_grad():
         return hf(input_ids=sample["input_ids"][None], pixel_values=sample["pixel_values"],
-                  image_grid_thw=sample["image_grid_thw"], mm_token_type_ids=sample["mm_token_type_ids"][None],
+                  image_grid_thw=sample["image_grid_thw"], pixel_values_videos=sample["pixel_values_videos"],
+                  video_grid_thw=sample["video_grid_thw"], mm_token_type_ids=sample["mm_token_type_ids"][None],
                   use_cache=False).logits[0]
 
 
 def _ours(model, batch):
     with torch.no_grad():
         return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], batch["pixel_values"],
-                     batch["image_grid_thw"], cu_seqlens=batch["cu_seqlens"])[0]
+                     batch["image_grid_thw"], cu_seqlens=batch["cu_seqlens"],
+                     pixel_values_videos=batch["pixel_values_videos"], video_grid_thw=batch["video_grid_thw"])[0]
 
 
 def _model_checks(rank, world):
@@ -90,14 +105,14 @@ def _model_checks(rank, world):
     model = build_our_model(hf).eval()
     samples = _samples()
     out = {"logits_diff": [], "positions_equal": []}
-    batch = _packed(samples, min_length=64)  # a trailing padding segment too
+    batch = _packed(samples, min_length=96)  # a trailing padding segment too
     cu = batch["cu_seqlens"].tolist()
     out["cu"], out["first_labels"] = cu, batch["labels"][0, cu[:-1]].tolist()
     logits = _ours(model, batch)
     for k, s in enumerate(samples):
         a, b = cu[k], cu[k + 1]
         want_pos, _ = hf.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None].int(),
-                                              image_grid_thw=s["image_grid_thw"],
+                                              image_grid_thw=s["image_grid_thw"], video_grid_thw=s["video_grid_thw"],
                                               attention_mask=torch.ones_like(s["input_ids"])[None])
         out["positions_equal"].append(torch.equal(batch["position_ids"][:, 0, a:b], want_pos[:, 0]))
         out["logits_diff"].append(float((logits[a:b, :VOCAB] - _hf_alone(hf, s)).abs().max()))
@@ -110,8 +125,9 @@ def _model_checks(rank, world):
         text = ids < 2000
         ids[text] = (ids[text] + 7) % 2000
         other[changed]["input_ids"] = ids
-        if other[changed]["pixel_values"] is not None:
-            other[changed]["pixel_values"] = other[changed]["pixel_values"] + 1.0
+        for key in ("pixel_values", "pixel_values_videos"):
+            if other[changed][key] is not None:
+                other[changed][key] = other[changed][key] + 1.0
         moved = _ours(model, _packed(other))
         out["moved"].append([not torch.equal(moved[cu[k]:cu[k + 1]], base[cu[k]:cu[k + 1]])
                              for k in range(len(samples))])
@@ -127,7 +143,7 @@ def model_checks():
 
 def test_packed_row_equals_hf_per_sample_and_positions_restart(model_checks):
     cu = model_checks["cu"]
-    assert cu[-1] == 64 and len(cu) == 3 + 2  # three samples and the padding segment
+    assert cu[-1] == 96 and len(cu) == 4 + 2  # four samples and the padding segment
     assert all(model_checks["positions_equal"]), model_checks["positions_equal"]
     assert max(model_checks["logits_diff"]) < LOGITS_ATOL, model_checks["logits_diff"]
     assert all(x == -100 for x in model_checks["first_labels"])  # no sample learns the next one's first token

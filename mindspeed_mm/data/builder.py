@@ -29,7 +29,7 @@ def settings_from_config(config: DataConfig) -> PreprocessSettings:
     return PreprocessSettings(
         model_name_or_path=pp.model_name_or_path, min_pixels=pp.min_pixels, max_pixels=pp.max_pixels,
         cutoff_len=bp.cutoff_len, train_on_prompt=bp.train_on_prompt, mask_history=bp.mask_history,
-        attr=config.dataset_param.attr, media_dir=bp.dataset_dir)
+        attr=config.dataset_param.attr, media_dir=bp.dataset_dir, video=pp.video_settings())
 
 
 def dataset_files(config: DataConfig) -> list[str]:
@@ -114,7 +114,8 @@ def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None
                                    f"dropped ({counts}); see the reasons above")
     tokenizer, image_processor = processors
     ids = VisionTokenIds.from_processors(tokenizer, image_processor)
-    return Qwen2VLDataset(cache, image_processor, ids, tokenizer.pad_token_id, indices=keep), None
+    return Qwen2VLDataset(cache, image_processor, ids, tokenizer.pad_token_id, indices=keep,
+                          video_settings=settings.video), None
 
 
 def packing_line(sampler: PackedBatchSampler) -> str:

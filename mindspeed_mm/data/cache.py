@@ -2,8 +2,9 @@
 
 Layout of `<cache_dir>/qwen2vl-<key>/`: input_ids.npy and labels.npy (all samples
 concatenated, int32), sample_offsets.npy (int64 [n+1]), image_grid_thw.npy (int32
-[n_images, 3]), image_offsets.npy (int64 [n+1]), images.json (paths), meta.json (drop
-counts, build time). A cache is written to a temp folder and renamed into place, so a
+[n_images, 3]), image_offsets.npy (int64 [n+1]), images.json (paths), the same three for
+video clips (video_grid_thw.npy, video_offsets.npy, videos.json), meta.json (drop counts,
+build time). A cache is written to a temp folder and renamed into place, so a
 folder that exists is complete. Image files themselves are not hashed into the key.
 """
 
@@ -23,8 +24,9 @@ from mindspeed_mm.data.preprocess import PreprocessSettings, Sample
 from mindspeed_mm.jsonio import replace_dir
 
 # Bumped whenever preprocessing gives other tokens or lengths for the same inputs, so that an old
-# cache is rebuilt: 2 = answers tokenized apart from their prompt, 16-bit images scaled to 8 bits.
-CACHE_FORMAT_VERSION = 2
+# cache is rebuilt: 2 = answers tokenized apart from their prompt, 16-bit images scaled to 8 bits;
+# 3 = video clips.
+CACHE_FORMAT_VERSION = 3
 # Files of a HF model folder that shape tokens or pixels (weights are irrelevant here).
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                     "special_tokens_map.json", "vocab.json", "merges.txt", "preprocessor_config.json")
@@ -57,17 +59,19 @@ def write_cache(path: str, samples: list[Sample], meta: dict) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
     lengths = [len(s.input_ids) for s in samples]
-    n_images = [len(s.images) for s in samples]
     cat = lambda arrs, dt: np.concatenate(arrs).astype(dt) if arrs else np.zeros(0, dt)  # noqa: E731
     np.save(os.path.join(tmp, "input_ids.npy"), cat([s.input_ids for s in samples], np.int32))
     np.save(os.path.join(tmp, "labels.npy"), cat([s.labels for s in samples], np.int32))
     np.save(os.path.join(tmp, "sample_offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    np.save(os.path.join(tmp, "image_offsets.npy"), np.concatenate([[0], np.cumsum(n_images)]).astype(np.int64))
-    grids = [s.image_grid_thw for s in samples if len(s.images)]
-    np.save(os.path.join(tmp, "image_grid_thw.npy"),
-            np.concatenate(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32))
-    with open(os.path.join(tmp, "images.json"), "w") as f:
-        json.dump([p for s in samples for p in s.images], f)
+    for kind in ("image", "video"):
+        paths = [getattr(s, f"{kind}s") for s in samples]
+        np.save(os.path.join(tmp, f"{kind}_offsets.npy"),
+                np.concatenate([[0], np.cumsum([len(p) for p in paths])]).astype(np.int64))
+        grids = [getattr(s, f"{kind}_grid_thw") for s, p in zip(samples, paths) if p]
+        np.save(os.path.join(tmp, f"{kind}_grid_thw.npy"),
+                np.concatenate(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32))
+        with open(os.path.join(tmp, f"{kind}s.json"), "w") as f:
+            json.dump([x for p in paths for x in p], f)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({**meta, "num_samples": len(samples), "created": time.time()}, f)
     replace_dir(tmp, path)  # overwrite_cache swaps the old one out
@@ -82,8 +86,11 @@ class CachedSamples:
         self.input_ids, self.labels = load("input_ids.npy"), load("labels.npy")
         self.sample_offsets, self.image_offsets = load("sample_offsets.npy"), load("image_offsets.npy")
         self.image_grid_thw = load("image_grid_thw.npy")
+        self.video_offsets, self.video_grid_thw = load("video_offsets.npy"), load("video_grid_thw.npy")
         with open(os.path.join(path, "images.json")) as f:
             self.images = json.load(f)
+        with open(os.path.join(path, "videos.json")) as f:
+            self.videos = json.load(f)
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
 
@@ -94,16 +101,24 @@ class CachedSamples:
         return np.diff(self.sample_offsets)
 
     def patches(self) -> np.ndarray:
-        """ViT patches (t * h * w over the sample's images) of every sample."""
-        per_image = np.prod(np.asarray(self.image_grid_thw, np.int64).reshape(-1, 3), axis=1)
-        cum = np.concatenate([[0], np.cumsum(per_image)])
-        return cum[np.asarray(self.image_offsets[1:])] - cum[np.asarray(self.image_offsets[:-1])]
+        """ViT patches (t * h * w over the sample's images and video clips) of every sample."""
+        total = 0
+        for grids, offsets in ((self.image_grid_thw, self.image_offsets), (self.video_grid_thw, self.video_offsets)):
+            per_item = np.prod(np.asarray(grids, np.int64).reshape(-1, 3), axis=1)
+            cum = np.concatenate([[0], np.cumsum(per_item)])
+            total = total + cum[np.asarray(offsets[1:])] - cum[np.asarray(offsets[:-1])]
+        return total
 
     def sample(self, i: int):
         a, b = self.sample_offsets[i], self.sample_offsets[i + 1]
         c, d = self.image_offsets[i], self.image_offsets[i + 1]
         return (np.array(self.input_ids[a:b]), np.array(self.labels[a:b]), self.images[c:d],
                 np.array(self.image_grid_thw[c:d]))
+
+    def sample_videos(self, i: int):
+        """(clip paths, video_grid_thw [n, 3]) of sample i."""
+        c, d = self.video_offsets[i], self.video_offsets[i + 1]
+        return self.videos[c:d], np.array(self.video_grid_thw[c:d])
 
 
 def get_or_build(path: str, build, is_builder: bool, overwrite: bool, poll_s: float = 2.0,

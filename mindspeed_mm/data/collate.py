@@ -8,10 +8,22 @@ import torch
 from mindspeed_mm.constants import IGNORE_INDEX
 
 
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def add_vision(batch: dict, samples: list[dict]) -> dict:
+    """The samples' pixels and grids, concatenated in sample order (None when no sample has any)."""
+    for key in VISION_KEYS:
+        parts = [s[key] for s in samples if s.get(key) is not None]
+        batch[key] = torch.cat(parts) if parts else None
+    return batch
+
+
 class Qwen2VLCollator:
     """Samples from Qwen2VLDataset -> the batch dict the training loop consumes:
     input_ids / labels / attention_mask / mm_token_type_ids [b, s], position_ids [3, b, s],
-    pixel_values [patches, 1176] and image_grid_thw [n_images, 3] (None without images).
+    pixel_values [patches, 1176] and image_grid_thw [n_images, 3] (None without images), pixel_values_videos
+    [video patches, 1176] and video_grid_thw [n_videos, 3] (None without video clips).
     Labels are aligned with input_ids (not shifted)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, ignore_pad_token_for_loss: bool = True,
@@ -39,11 +51,7 @@ class Qwen2VLCollator:
             batch["attention_mask"][i, :n] = 1
             batch["mm_token_type_ids"][i, :n] = s["mm_token_type_ids"]
             batch["position_ids"][:, i, :n] = s["position_ids"]
-        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
-        batch["pixel_values"] = torch.cat(pixels) if pixels else None
-        batch["image_grid_thw"] = torch.cat(grids) if grids else None
-        return batch
+        return add_vision(batch, samples)
 
 
 class PackedCollator:
@@ -80,8 +88,4 @@ class PackedCollator:
                                       + [torch.zeros((3, pad), dtype=torch.long)], dim=1)[:, None],
             "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
         }
-        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
-        batch["pixel_values"] = torch.cat(pixels) if pixels else None
-        batch["image_grid_thw"] = torch.cat(grids) if grids else None
-        return batch
+        return add_vision(batch, samples)

@@ -6,8 +6,10 @@ message is one line naming the key path, e.g. `dataset_param.basic_parameters.cu
 
 from __future__ import annotations
 
+import math
 import os
 import typing
+from typing import Any, ClassVar, Mapping
 from dataclasses import dataclass, field
 
 from mindspeed_mm.errors import UserError
@@ -23,11 +25,68 @@ class DataConfigError(UserError, ValueError):
         self.key = key
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """How video clips are sampled and sized (mindspeed_mm/data/video.py); data.json / inference JSON keys
+    in ``KEYS``."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    total_pixels: int | None = None  # qwen-vl-utils' total budget; None = no budget
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "video_fps": "fps", "video_min_frames": "min_frames", "video_max_frames": "max_frames",
+        "video_min_pixels": "min_pixels", "video_max_pixels": "max_pixels",
+        "video_total_pixels": "total_pixels",
+    }
+
+    def __post_init__(self):
+        if not _is_number(self.fps) or self.fps <= 0:
+            raise ValueError(f"video_fps must be > 0, got {self.fps!r}")
+        for key, low in (("video_min_frames", 1), ("video_min_pixels", 1)):
+            value = getattr(self, self.KEYS[key])
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        for key, low_key in (("video_max_frames", "video_min_frames"), ("video_max_pixels", "video_min_pixels")):
+            value, low = getattr(self, self.KEYS[key]), getattr(self, self.KEYS[low_key])
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low_key} ({low}), got {value!r}")
+        if self.total_pixels is not None and (not _is_int(self.total_pixels) or self.total_pixels < 1):
+            raise ValueError(f"video_total_pixels must be an integer >= 1 or null, got {self.total_pixels!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VideoSettings":
+        """Read the ``video_*`` keys of ``KEYS`` (absent or null = default); other keys are ignored."""
+        return cls(**{field: d[key] for key, field in cls.KEYS.items() if d.get(key) is not None})
+
+
 @dataclass
 class PreprocessParameters:
     model_name_or_path: str
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
+    # Video clips (data/video.py: frames sampled at video_fps within min/max frames, each frame resized
+    # within video_min/max_pixels; video_total_pixels, when set, caps all frames of a clip together).
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    video_total_pixels: typing.Optional[int] = None
+
+    def video_settings(self) -> "VideoSettings":
+        return VideoSettings.from_dict(vars(self))
 
 
 @dataclass
@@ -63,6 +122,7 @@ class BasicParameters:
 @dataclass
 class Attr:
     images: str = "images"
+    videos: str = "videos"
     messages: str = "messages"
     role_tag: str = "role"
     content_tag: str = "content"
@@ -133,6 +193,11 @@ class DataConfig:
                 bad(f"dataset_param.{key}", f"must be >= {low}, got {value}")
         if pp.min_pixels > pp.max_pixels:
             bad("dataset_param.preprocess_parameters.min_pixels", "must not exceed max_pixels")
+        try:
+            pp.video_settings()
+        except ValueError as e:  # "video_fps must be > 0, got 0": the message starts with the key
+            key = str(e).split()[0]
+            bad(f"dataset_param.preprocess_parameters.{key}", str(e)[len(key):].strip())
         for key, value, low in (("batch_size", dl.batch_size, 1), ("num_workers", dl.num_workers, 0),
                                 ("collate_param.pad_to_multiple_of", dl.collate_param.pad_to_multiple_of, 1)):
             if value < low:

@@ -1,4 +1,4 @@
-"""Training dataset over a preprocessing cache: tokens from the cache, pixels on the fly."""
+"""Training dataset over a preprocessing cache: tokens from the cache, pixels (images, video frames) on the fly."""
 
 from __future__ import annotations
 
@@ -11,17 +11,20 @@ from mindspeed_mm.data.cache import CachedSamples
 from mindspeed_mm.data.formats import DropSample
 from mindspeed_mm.data.images import load_pixels
 from mindspeed_mm.data.positions import VisionTokenIds, sample_position_ids
+from mindspeed_mm.data.video import VideoSettings, load_video
 
 logger = logging.getLogger(__name__)
 
 
 class Qwen2VLDataset(torch.utils.data.Dataset):
-    """Item i: input_ids, labels, position_ids [3, s], mm_token_type_ids, and pixel_values /
-    image_grid_thw (None for a text-only sample)."""
+    """Item i: input_ids, labels, position_ids [3, s], mm_token_type_ids (HF's: 0 text, 1 image, 2 video),
+    pixel_values / image_grid_thw (None without images) and pixel_values_videos / video_grid_thw (None
+    without video clips)."""
 
     def __init__(self, cache: CachedSamples, image_processor, ids: VisionTokenIds, pad_token_id: int,
-                 indices=None):
+                 indices=None, video_settings: VideoSettings | None = None):
         self.cache, self.image_processor, self.ids = cache, image_processor, ids
+        self.video_settings = video_settings or VideoSettings()
         # The cache samples in use (None: all); e.g. those within --seq-length.
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.pad_token_id = pad_token_id
@@ -45,14 +48,25 @@ class Qwen2VLDataset(torch.utils.data.Dataset):
             if not np.array_equal(hf_grid, grid):
                 raise DropSample("corrupt_image", f"{images}: image changed on disk since preprocessing")
             pixel_values, image_grid_thw = torch.from_numpy(pixels), torch.from_numpy(grid.astype(np.int64))
+        videos, video_grid = self.cache.sample_videos(i if self.indices is None else int(self.indices[i]))
+        pixel_values_videos = video_grid_thw = None
+        if videos:
+            clips = [load_video(path, self.video_settings, self.image_processor) for path in videos]
+            loaded = np.concatenate([g for _, g, _ in clips])
+            if not np.array_equal(loaded, video_grid):
+                raise DropSample("corrupt_video", f"{videos}: clip changed on disk since preprocessing")
+            pixel_values_videos = torch.from_numpy(np.concatenate([p for p, _, _ in clips]))
+            video_grid_thw = torch.from_numpy(loaded.astype(np.int64))
         ids = torch.from_numpy(input_ids.astype(np.int64))
         return {
             "input_ids": ids,
             "labels": torch.from_numpy(labels.astype(np.int64)),
-            "position_ids": sample_position_ids(input_ids, grid, self.ids),
-            "mm_token_type_ids": (ids == self.ids.image_token_id).long(),
+            "position_ids": sample_position_ids(input_ids, grid, self.ids, video_grid),
+            "mm_token_type_ids": (ids == self.ids.image_token_id).long() + 2 * (ids == self.ids.video_token_id).long(),
             "pixel_values": pixel_values,
             "image_grid_thw": image_grid_thw,
+            "pixel_values_videos": pixel_values_videos,
+            "video_grid_thw": video_grid_thw,
         }
 
     def __getitem__(self, i: int) -> dict:

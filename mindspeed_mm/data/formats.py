@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from mindspeed_mm.constants import IMAGE_PLACEHOLDER
+from mindspeed_mm.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from mindspeed_mm.data.config import Attr
 from mindspeed_mm.jsonio import has_bad_text
 
@@ -15,7 +15,8 @@ RESERVED_TEXT = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # Every reason a sample can be dropped for, in the order the summary lists them.
 DROP_REASONS = (
     "bad_record", "bad_text", "unknown_role", "bad_conversation", "image_count_mismatch",
-    "missing_image", "corrupt_image", "bad_aspect_ratio", "too_long",
+    "missing_image", "corrupt_image", "bad_aspect_ratio", "video_count_mismatch", "missing_video",
+    "corrupt_video", "no_frames", "video_too_long", "too_long",
 )
 
 
@@ -31,7 +32,8 @@ class DropSample(Exception):
 @dataclass
 class Conversation:
     messages: list[tuple[str, str]]  # (role in {"system", "user", "assistant"}, content)
-    images: list[str]                # resolved file paths, in placeholder order
+    images: list[str]                # resolved file paths, in <image> order
+    videos: list[str] = field(default_factory=list)  # resolved clip paths, in <video> order
 
 
 def resolve_path(path: str, base_dir: str) -> str:
@@ -47,13 +49,9 @@ def parse_record(record, attr: Attr, media_dir: str) -> Conversation:
     if not isinstance(record, dict):
         raise DropSample("bad_record", "record is not an object")
     raw_messages = record.get(attr.messages)
-    images = record.get(attr.images) or []
-    if isinstance(images, str):
-        images = [images]
     if not isinstance(raw_messages, list) or not raw_messages:
         raise DropSample("bad_conversation", f"'{attr.messages}' is missing or empty")
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise DropSample("bad_record", f"'{attr.images}' is not a list of paths")
+    images, videos = (_paths(record, key) for key in (attr.images, attr.videos))
 
     roles = {attr.user_tag: "user", attr.assistant_tag: "assistant"}
     if attr.system_tag:
@@ -74,16 +72,31 @@ def parse_record(record, attr: Attr, media_dir: str) -> Conversation:
     if not body or len(body) % 2 or [r for r, _ in body] != expected:
         raise DropSample("bad_conversation", "turns must alternate user/assistant after an optional "
                          "system turn and end with assistant")
-    n_placeholders = sum(c.count(IMAGE_PLACEHOLDER) for _, c in messages)
-    if n_placeholders != len(images):
-        raise DropSample("image_count_mismatch", f"{n_placeholders} <image> placeholders, {len(images)} images")
-    if any(has_bad_text(p) for p in images):
-        raise DropSample("bad_text", "image path is not valid UTF-8")
-    resolved = [resolve_path(p, media_dir) for p in images]
-    for given, path in zip(images, resolved):
+    return Conversation(messages, _resolve(messages, images, "image", IMAGE_PLACEHOLDER, media_dir),
+                        _resolve(messages, videos, "video", VIDEO_PLACEHOLDER, media_dir))
+
+
+def _paths(record: dict, key: str) -> list:
+    paths = record.get(key) or []
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise DropSample("bad_record", f"'{key}' is not a list of paths")
+    return paths
+
+
+def _resolve(messages, paths: list, kind: str, placeholder: str, media_dir: str) -> list[str]:
+    """The media files of one kind, checked against their placeholders and found on disk."""
+    n_placeholders = sum(c.count(placeholder) for _, c in messages)
+    if n_placeholders != len(paths):
+        raise DropSample(f"{kind}_count_mismatch", f"{n_placeholders} {placeholder} placeholders, {len(paths)} {kind}s")
+    if any(has_bad_text(p) for p in paths):
+        raise DropSample("bad_text", f"{kind} path is not valid UTF-8")
+    resolved = [resolve_path(p, media_dir) for p in paths]
+    for given, path in zip(paths, resolved):
         if not os.path.isfile(path):
             # The path as written and both places tried, not dataset_dir joined onto a
             # path that often already starts with it.
             where = "" if os.path.isabs(given) else f" (looked in the working directory and in dataset_dir {media_dir!r})"
-            raise DropSample("missing_image", f"image {given!r} not found{where}")
-    return Conversation(messages, resolved)
+            raise DropSample(f"missing_{kind}", f"{kind} {given!r} not found{where}")
+    return resolved

@@ -1,4 +1,4 @@
-"""Records -> token ids, labels and image grids, in worker processes, dropping bad samples."""
+"""Records -> token ids, labels and image / video grids, in worker processes, dropping bad samples."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from mindspeed_mm.data.formats import DROP_REASONS, DropSample, parse_record
 from mindspeed_mm.data.images import check_images
 from mindspeed_mm.constants import IGNORE_INDEX
 from mindspeed_mm.data.template import Encoded, Qwen2VLTemplate
+from mindspeed_mm.data.video import VideoSettings, probe, video_grid
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class PreprocessSettings:
     mask_history: bool
     attr: Attr
     media_dir: str
+    video: VideoSettings = VideoSettings()
 
     def load_processors(self):
         """The tokenizer and image processor of model_name_or_path at these pixel bounds."""
@@ -38,6 +40,8 @@ class Sample:
     labels: np.ndarray             # int32 [s]
     images: list[str]
     image_grid_thw: np.ndarray     # int32 [n_images, 3]
+    videos: list[str] = field(default_factory=list)
+    video_grid_thw: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int32))  # int32 [n_videos, 3]
 
 
 @dataclass
@@ -71,12 +75,17 @@ def load_processors(model: str, min_pixels=None, max_pixels=None, key: str = MOD
     return tokenizer, image_processor
 
 
-def truncate(enc: Encoded, cutoff_len: int, vision_token_ids: np.ndarray) -> Encoded:
-    """Keep the first `cutoff_len` tokens if no image token is cut and a target remains."""
+def truncate(enc: Encoded, cutoff_len: int, vision_token_ids: np.ndarray, video_token_id: int | None = None) -> Encoded:
+    """Keep the first `cutoff_len` tokens if no image or video token is cut and a target remains."""
     if len(enc.input_ids) <= cutoff_len:
         return enc
-    tail_has_vision = np.isin(enc.input_ids[cutoff_len:], vision_token_ids).any()
-    if tail_has_vision:
+    tail = enc.input_ids[cutoff_len:]
+    if video_token_id is not None and (tail == video_token_id).any():
+        videos = int((enc.input_ids == video_token_id).sum())
+        raise DropSample("video_too_long", f"{len(enc.input_ids)} tokens ({videos} of them video) > cutoff_len "
+                         f"{cutoff_len}; lower video_fps / video_max_frames / video_max_pixels or set "
+                         "video_total_pixels (preprocess_parameters)")
+    if np.isin(tail, vision_token_ids).any():
         raise DropSample("too_long", f"{len(enc.input_ids)} tokens > cutoff_len {cutoff_len} and the cut "
                          "would split or remove an image")
     kept = Encoded(enc.input_ids[:cutoff_len], enc.labels[:cutoff_len])
@@ -98,11 +107,14 @@ class Preprocessor:
     def __call__(self, record) -> Sample:
         conv = parse_record(record, self.settings.attr, self.settings.media_dir)
         grids = check_images(conv.images, self.image_processor)
-        counts = [t * h * w // self.merge ** 2 for t, h, w in grids]
-        enc = truncate(self.template.encode(conv, counts), self.settings.cutoff_len,
-                       self.template.vision_token_ids)
-        return Sample(enc.input_ids, enc.labels, conv.images,
-                      np.asarray(grids, dtype=np.int32).reshape(-1, 3))
+        ip = self.image_processor
+        video_grids = [video_grid(probe(path), self.settings.video, ip.patch_size, ip.merge_size,
+                                  ip.temporal_patch_size) for path in conv.videos]
+        tokens = lambda gs: [t * h * w // self.merge ** 2 for t, h, w in gs]  # noqa: E731
+        enc = truncate(self.template.encode(conv, tokens(grids), tokens(video_grids)), self.settings.cutoff_len,
+                       self.template.vision_token_ids, self.template.video_token_id)
+        as_array = lambda gs: np.asarray(gs, dtype=np.int32).reshape(-1, 3)  # noqa: E731
+        return Sample(enc.input_ids, enc.labels, conv.images, as_array(grids), conv.videos, as_array(video_grids))
 
 
 _worker: Preprocessor | None = None

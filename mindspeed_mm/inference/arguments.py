@@ -80,9 +80,17 @@ class InferenceArgs:
     params_dtype: Optional[str] = None  # None: the checkpoint's model.json dtype
     min_pixels: Optional[int] = None  # None: the image processor folder's own setting
     max_pixels: Optional[int] = None
+    # video clips: data.json's preprocess_parameters keys, the same defaults (mindspeed_mm/data/video.py)
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    video_total_pixels: Optional[int] = None
     # one conversation
     prompt: Optional[str] = field(default=None, metadata=NOT_IN_JSON)
     image: List[str] = field(default_factory=list, metadata=NOT_IN_JSON)
+    video: List[str] = field(default_factory=list, metadata=NOT_IN_JSON)
     system: Optional[str] = None  # None: the chat template's default system turn
     output_json: Optional[str] = field(default=None, metadata=NOT_IN_JSON)
     stream: bool = True
@@ -95,6 +103,11 @@ class InferenceArgs:
     @property
     def single(self) -> bool:
         return self.input is None
+
+    def video_settings(self):
+        from mindspeed_mm.data.video import VideoSettings
+
+        return VideoSettings.from_dict(vars(self))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,12 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the model JSON's dtype)")
     g.add_argument("--min-pixels", dest="min_pixels", type=int, help="image processor min_pixels")
     g.add_argument("--max-pixels", dest="max_pixels", type=int, help="image processor max_pixels")
+    g.add_argument("--video-fps", dest="video_fps", type=float, help="video frames sampled per second (2.0)")
+    g.add_argument("--video-min-frames", dest="video_min_frames", type=int, help="at least this many frames (4)")
+    g.add_argument("--video-max-frames", dest="video_max_frames", type=int, help="at most this many frames (768)")
+    g.add_argument("--video-min-pixels", dest="video_min_pixels", type=int, help="pixels per frame at least (128*28*28)")
+    g.add_argument("--video-max-pixels", dest="video_max_pixels", type=int, help="pixels per frame at most (768*28*28)")
+    g.add_argument("--video-total-pixels", dest="video_total_pixels", type=int,
+                   help="pixels of all frames of a clip together at most (default: no such bound)")
     g = p.add_argument_group("one conversation")
     g.add_argument("--prompt", help="the user's text")
     g.add_argument("--image", action="append",
                    help="an image of the user turn (repeatable); each goes where a '<image>' stands in --prompt, "
                         "in order (as in MLLM records: --prompt '<image>\\nQuestion'), or, with no '<image>' in "
                         "--prompt, all before the text with nothing in between")
+    g.add_argument("--video", action="append",
+                   help="a video clip of the user turn (repeatable); each goes where a '<video>' stands in "
+                        "--prompt, in order, or, with no '<video>' in --prompt, all before the text (after the "
+                        "images)")
     g.add_argument("--system", help="system turn (default: the chat template's 'You are a helpful assistant.')")
     g.add_argument("--output-json", dest="output_json",
                    help="write {'response', 'token_ids'} of the answer to this file")
@@ -170,8 +194,8 @@ def validate(args: InferenceArgs, source: str = "flags") -> None:
     if args.input is not None:
         if not args.output:
             raise UserError("--input needs --output FILE.jsonl")
-        if args.image or args.output_json:
-            raise UserError("--image and --output-json belong to a single --prompt, not to --input")
+        if args.image or args.video or args.output_json:
+            raise UserError("--image, --video and --output-json belong to a single --prompt, not to --input")
     elif args.output:
         raise UserError("--output belongs to --input; for one prompt use --output-json")
     if args.tensor_model_parallel_size < 1:
@@ -183,4 +207,9 @@ def validate(args: InferenceArgs, source: str = "flags") -> None:
     for path, flag in ((args.load, "--load"), (args.tokenizer_path, "--tokenizer-path")):
         if not os.path.isdir(path):
             raise UserError(f"{flag} {path}: directory not found")
+    try:
+        args.video_settings()
+    except ValueError as e:  # "video_fps must be > 0, got 0": the message starts with the key
+        key = str(e).split()[0]
+        raise UserError(f"{source}: --{key.replace('_', '-')} / {key}{str(e)[len(key):]}") from None
     args.generation.validate()

@@ -76,12 +76,14 @@ class Generator:
         self.generator = torch.Generator().manual_seed(settings.seed)  # CPU: see sampling.next_tokens
         self.stats = GenerationStats()
 
-    def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grid: Optional[torch.Tensor]):
+    def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grid: Optional[torch.Tensor],
+                   video_grid: Optional[torch.Tensor] = None):
         """Prompt positions [3, b, s] and each sample's first decoding position [b]."""
         c = self.cfg
         positions, deltas = get_rope_index(
             ids, grid, mask, spatial_merge_size=c.vision.spatial_merge_size, image_token_id=c.image_token_id,
-            video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id)
+            video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id,
+            video_grid_thw=video_grid)
         return positions, mask.sum(1) + deltas[:, 0]
 
     @torch.inference_mode()  # not just no_grad: megatron's linears are autograd Functions, cheaper this way
@@ -94,7 +96,7 @@ class Generator:
         """
         ids, prompt_mask = left_pad(batch.input_ids, self.pad_id)
         grid = batch.image_grid_thw
-        prompt_positions, first_position = self._positions(ids, prompt_mask, grid)
+        prompt_positions, first_position = self._positions(ids, prompt_mask, grid, batch.video_grid_thw)
         b, s = ids.shape
         longest = int(prompt_mask.sum(1).max())
         new_tokens = min(self.settings.max_new_tokens, self.max_length - longest)
@@ -111,6 +113,8 @@ class Generator:
         stop = torch.tensor(self.stop_ids, dtype=torch.long, device=dev)
         pixels = None if batch.pixel_values is None else batch.pixel_values.to(dev, self.dtype)
         grid = None if grid is None else grid.to(dev)
+        videos = {} if batch.video_grid_thw is None else dict(
+            pixel_values_videos=batch.pixel_values_videos.to(dev, self.dtype), video_grid_thw=batch.video_grid_thw.to(dev))
 
         context = StaticInferenceContext(b, total)
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -123,7 +127,7 @@ class Generator:
             end = s + step  # tokens in the cache once this step's input is in
             images = (pixels, grid) if step == 0 else (None, None)
             logits = self.model(tokens, positions, None if mask is None else mask[:, :end], *images,
-                                inference_context=context)
+                                inference_context=context, **(videos if step == 0 else {}))
             context.sequence_len_offset = end
             context.enable_decode_mode()
             # logits [b, 1, padded V] -> [b, V]

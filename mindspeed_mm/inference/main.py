@@ -37,10 +37,11 @@ def prepare(args: InferenceArgs):
     check_tokenizer(cfg, tokenizer, source, args.tokenizer_path)
     stop_ids = stop_token_ids(args.generation, tokenizer, cfg, args.tokenizer_path)
     state = open_checkpoint(cfg, args.load, args.iteration, source)  # there, complete, and of this architecture
-    builder = PromptBuilder(tokenizer, image_processor, cfg.text.max_position_embeddings)
+    builder = PromptBuilder(tokenizer, image_processor, cfg.text.max_position_embeddings, args.video_settings())
     if args.single:
-        where = "--image/--prompt" if args.image else "--prompt"
-        prompts = [builder.build(chat_conversation(args.prompt, args.image or [], args.system), where)]
+        where = "/".join(["--image"] * bool(args.image) + ["--video"] * bool(args.video) + ["--prompt"])
+        prompts = [builder.build(chat_conversation(args.prompt, args.image or [], args.system, args.video or []),
+                                 where)]
     else:
         prompts = [builder.build(conv, f"{args.input}: sample {i}", reference)
                    for i, (conv, reference) in enumerate(read_conversations(args.input))]

@@ -3,8 +3,9 @@
 Three things differ from a plain GPTModel:
 
 * the input embedding of every ``<|image_pad|>`` token is replaced by the
-  next image feature (done before the sequence-parallel scatter, which is
-  why the GPTModel does not scatter its own embedding);
+  next image feature, that of every ``<|video_pad|>`` token by the next
+  video feature (done before the sequence-parallel scatter, which is why
+  the GPTModel does not scatter its own embedding);
 * the vocabulary is padded (multiple of divisible_by x TP): the padded
   logit columns are set to -inf before softmax / cross-entropy / argmax, so
   they carry no probability, exactly like the unpadded HF head;
@@ -35,28 +36,36 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> to
     return logits
 
 
-def check_image_tokens(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], image_token_id: int,
-                       merge: int) -> None:
-    """Every sample's image tokens must match the features of its images (images assigned in order)."""
-    per_sample = (input_ids == image_token_id).sum(dim=1).tolist()
-    features = [] if image_grid_thw is None else (image_grid_thw.prod(-1) // merge ** 2).tolist()
-    image = 0
+def check_vision_tokens(input_ids: torch.Tensor, grid_thw: Optional[torch.Tensor], token_id: int, merge: int,
+                        kind: str = "image") -> None:
+    """Every sample's ``kind`` tokens ("image" or "video": ``token_id`` in input_ids [b, s]) must match the
+    features of its images / videos (``grid_thw`` [n, 3] rows t*h*w/merge**2 each, assigned to samples in
+    order; None: no features).  A one-line UserError names the first sample that does not."""
+    per_sample = (input_ids == token_id).sum(dim=1).tolist()
+    features = [] if grid_thw is None else (grid_thw.prod(-1) // merge ** 2).tolist()
+    item = 0
     for b, tokens in enumerate(per_sample):
-        have, first = 0, image
-        while have < tokens and image < len(features):
-            have += features[image]
-            image += 1
+        have, first = 0, item
+        while have < tokens and item < len(features):
+            have += features[item]
+            item += 1
         if have != tokens:
-            raise UserError(f"sample {b}: {tokens} image tokens but image_grid_thw rows {first}..{image - 1} "
-                            f"give {have} image features (images are matched to samples in order)")
-    if image != len(features):
-        raise UserError(f"image_grid_thw has {len(features)} images but the {len(per_sample)} samples' "
-                        f"image tokens cover only {image} (total tokens {sum(per_sample)}, "
+            raise UserError(f"sample {b}: {tokens} {kind} tokens but {kind}_grid_thw rows {first}..{item - 1} "
+                            f"give {have} {kind} features ({kind}s are matched to samples in order)")
+    if item != len(features):
+        raise UserError(f"{kind}_grid_thw has {len(features)} {kind}s but the {len(per_sample)} samples' "
+                        f"{kind} tokens cover only {item} (total tokens {sum(per_sample)}, "
                         f"total features {sum(features)})")
 
 
+def check_image_tokens(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], image_token_id: int,
+                       merge: int) -> None:
+    """check_vision_tokens for images (kept for its callers)."""
+    check_vision_tokens(input_ids, image_grid_thw, image_token_id, merge, "image")
+
+
 class Qwen2LanguageModel(GPTModel):
-    """GPTModel + image-feature injection + padded-vocabulary masking."""
+    """GPTModel + image/video-feature injection + padded-vocabulary masking."""
 
     def __init__(self, cfg, config, pre_process: bool, post_process: bool):
         # cfg: the family config (its .text sizes are the Qwen2 decoder's); config: megatron's TransformerConfig
@@ -73,13 +82,18 @@ class Qwen2LanguageModel(GPTModel):
             scatter_embedding_sequence_parallel=False)
         self.real_vocab_size = t.vocab_size
         self.image_token_id = cfg.image_token_id
+        self.video_token_id = cfg.video_token_id
 
-    def embed(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings with image features in place of image tokens: [s, b, h] (scattered under SP)."""
+    def embed(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor],
+              video_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings [s, b, h] (scattered under SP) from input_ids [b, s], with image_features
+        [n_image_tokens, h] in place of the image tokens and video_features [n_video_tokens, h] in place
+        of the video tokens, each in order (row-major over the batch)."""
         emb = self.embedding.word_embeddings(input_ids)  # [b, s, h], all-reduced over TP
-        if image_features is not None:
-            mask = (input_ids == self.image_token_id).unsqueeze(-1)
-            emb = emb.masked_scatter(mask, image_features.to(emb.dtype))
+        for token_id, features in ((self.image_token_id, image_features), (self.video_token_id, video_features)):
+            if features is not None:
+                mask = (input_ids == token_id).unsqueeze(-1)
+                emb = emb.masked_scatter(mask, features.to(emb.dtype))
         emb = emb.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)

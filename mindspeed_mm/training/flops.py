@@ -23,7 +23,7 @@ import torch
 class BatchShape:
     """What the FLOPs depend on: real sample lengths and image grids."""
     lengths: list  # real token count of every sample
-    grids: list  # [t, h, w] (patches) of every image
+    grids: list  # [t, h, w] (patches) of every image and video clip (the ViT attends within each frame)
 
     @classmethod
     def of(cls, batch: dict) -> "BatchShape":
@@ -38,8 +38,8 @@ class BatchShape:
                     break
                 lengths.append(n)
                 real -= n
-        grid = batch.get("image_grid_thw")
-        grids = grid.tolist() if isinstance(grid, torch.Tensor) else []
+        grids = [row for key in ("image_grid_thw", "video_grid_thw") if isinstance(batch.get(key), torch.Tensor)
+                 for row in batch[key].tolist()]
         return cls(lengths, grids)
 
 

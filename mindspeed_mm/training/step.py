@@ -17,12 +17,12 @@ def forward_step(data_iterator, model, inject_nan=False):
     """megatron-core's forward step: run the stage; the last stage returns per-token losses."""
     batch = next(data_iterator)
     labels = shift_labels(batch["labels"])
-    pixel_values = batch.get("pixel_values")
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(model.config.params_dtype)
+    pixels = {k: batch[k].to(model.config.params_dtype) if batch.get(k) is not None else None
+              for k in ("pixel_values", "pixel_values_videos")}
     output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=batch["attention_mask"], pixel_values=pixel_values,
-                   image_grid_thw=batch.get("image_grid_thw"), labels=labels, cu_seqlens=batch.get("cu_seqlens"))
+                   attention_mask=batch["attention_mask"], image_grid_thw=batch.get("image_grid_thw"),
+                   video_grid_thw=batch.get("video_grid_thw"), labels=labels, cu_seqlens=batch.get("cu_seqlens"),
+                   **pixels)
     if inject_nan:  # --inject-nan-loss: as if this stage overflowed; backward then gives NaN gradients too
         output = output * float("nan")
     return output, partial(masked_loss_sum, shifted_labels=labels)

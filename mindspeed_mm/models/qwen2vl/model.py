@@ -1,14 +1,18 @@
 """Qwen2-VL on megatron-core, one pipeline stage of it.
 
-    stage 0:     vision_encoder -> vision_projector -> image features
-                 language_model.embedding (+ image features at <|image_pad|>) -> its LLM layers
+    stage 0:     vision_encoder -> vision_projector -> image and video features
+                 (pixel_values [n_image_patches, 1176] and pixel_values_videos
+                 [n_video_patches, 1176] in one ViT call: features [n_patches / merge**2, h])
+                 language_model.embedding (+ image features at <|image_pad|>,
+                 video features at <|video_pad|>) -> its LLM layers
     stage k:     LLM layers (hidden states [s, b, h] from the previous stage via set_input_tensor)
     last stage:  final norm -> output layer -> logits [b, s, V/TP] (padded columns -inf)
                  or, with labels, per-token cross-entropy [b, s]
 
-Every stage receives input_ids, position_ids and attention_mask; when
-position_ids is None it computes the M-RoPE positions itself (the same rule
-on every stage).  Parameter names are the mapping table's
+Every stage receives input_ids, position_ids and attention_mask (and the
+image_grid_thw [n_img, 3] / video_grid_thw [n_vid, 3] of the batch); when
+position_ids is None it computes the M-RoPE positions itself from them (the
+same rule on every stage).  Parameter names are the mapping table's
 (models/qwen2vl/mapping.py).
 """
 from typing import Mapping, Optional
@@ -22,7 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.lora import ADAPTER
 from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig
-from mindspeed_mm.models.language_model import Qwen2LanguageModel, check_image_tokens
+from mindspeed_mm.models.language_model import Qwen2LanguageModel, check_vision_tokens
 from mindspeed_mm.models.parallel import ParallelSettings
 from mindspeed_mm.models.qwen2vl.mapping import MAPPING
 from mindspeed_mm.models.qwen2vl.projector import VisionProjector
@@ -109,12 +113,55 @@ class Qwen2VLModel(MegatronModule):
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_any):
             return self.vision_projector(patches)
 
+    def vision_features(self, pixel_values: Optional[torch.Tensor], image_grid_thw: Optional[torch.Tensor],
+                        pixel_values_videos: Optional[torch.Tensor], video_grid_thw: Optional[torch.Tensor]):
+        """(image features [n_image_patches / merge**2, h] or None, video features [n_video_patches / merge**2, h]
+        or None), images and videos each in order.
+
+        One ViT call for both, patches and grids concatenated (images first): the ViT attends within each
+        frame (cu_seqlens per grid row) and everything else is per patch, so this is HF's two calls'
+        math, in one pass through the ViT's layers (fewer, larger kernels; one recompute region).
+        """
+        merge = self.cfg.vision.spatial_merge_size
+        parts = []
+        for kind, pixels, grid in (("image", pixel_values, image_grid_thw),
+                                   ("video", pixel_values_videos, video_grid_thw)):
+            if pixels is None:
+                continue
+            name = "pixel_values" if kind == "image" else "pixel_values_videos"
+            if grid is None:
+                raise UserError(f"{name} given without {kind}_grid_thw")
+            grid = grid.detach().cpu().long()
+            if pixels.shape[0] != int(grid.prod(-1).sum()):
+                raise UserError(f"{name} has {pixels.shape[0]} patch rows but {kind}_grid_thw gives "
+                                f"{int(grid.prod(-1).sum())}")
+            parts.append((kind, pixels, grid))
+        if not parts:
+            return None, None
+        dtype = self.vision_encoder.patch_embed.weight.dtype
+        features = self.image_features(torch.cat([p.to(dtype) for _, p, _ in parts]),
+                                       torch.cat([g for _, _, g in parts]))
+        out, start = {}, 0
+        for kind, pixels, _ in parts:
+            count = pixels.shape[0] // merge ** 2
+            out[kind] = features[start:start + count]
+            start += count
+        return out.get("image"), out.get("video")
+
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                inference_context=None, cu_seqlens: Optional[torch.Tensor] = None):
+                inference_context=None, cu_seqlens: Optional[torch.Tensor] = None,
+                pixel_values_videos: Optional[torch.Tensor] = None, video_grid_thw: Optional[torch.Tensor] = None):
         """input_ids [b, s]; position_ids [3, b, s] or None; attention_mask [b, s] (1 = token) or None;
-        pixel_values [n_patches, 1176]; image_grid_thw [n_img, 3]; labels [b, s] already shifted.
+        pixel_values [n_patches, 1176]; image_grid_thw [n_img, 3]; labels [b, s] already shifted;
+        pixel_values_videos [n_video_patches, 1176] (C * temporal_patch * P * P, as images);
+        video_grid_thw [n_vid, 3] (t >= 1 temporal patches, h, w).
+
+        Images fill the <|image_pad|> tokens, videos the <|video_pad|> tokens, each in order (sample 0
+        first; a video's t*h*w / merge**2 tokens frame by frame).  Each sample's token counts must match its
+        images' / videos' features (a one-line UserError names the sample).  Later pipeline stages need
+        image_grid_thw and video_grid_thw too when position_ids is None.
 
         ``cu_seqlens`` int32 [n + 1] (sequence packing, b = 1): the row holds n independent sequences
         (0, n1, n1 + n2, ..., s); attention stays within each and attention_mask is not used.  The
@@ -141,15 +188,20 @@ class Qwen2VLModel(MegatronModule):
             position_ids, _ = get_rope_index(
                 input_ids, image_grid_thw, attention_mask, spatial_merge_size=self.cfg.vision.spatial_merge_size,
                 image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
-                vision_start_token_id=self.cfg.vision_start_token_id)
+                vision_start_token_id=self.cfg.vision_start_token_id, video_grid_thw=video_grid_thw)
         decoder_input = None
         decoding = inference_context is not None and inference_context.sequence_len_offset > 0
         if self.pre_process:
-            if not decoding:  # generated tokens never bring images (HF does not check them either)
-                check_image_tokens(input_ids, image_grid_thw if pixel_values is not None else None,
-                                   self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
-            features = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
-            decoder_input = self.language_model.embed(input_ids, features)
+            images = videos = None
+            if not decoding:  # generated tokens never bring images or videos (HF does not check them either)
+                merge = self.cfg.vision.spatial_merge_size
+                check_vision_tokens(input_ids, image_grid_thw if pixel_values is not None else None,
+                                    self.cfg.image_token_id, merge, "image")
+                check_vision_tokens(input_ids, video_grid_thw if pixel_values_videos is not None else None,
+                                    self.cfg.video_token_id, merge, "video")
+                images, videos = self.vision_features(pixel_values, image_grid_thw, pixel_values_videos,
+                                                      video_grid_thw)
+            decoder_input = self.language_model.embed(input_ids, images, videos)
             if self.input_needs_grad and torch.is_grad_enabled() and not decoder_input.requires_grad:
                 # Frozen embedding (LoRA): full recompute and the pipeline's backward need a graph from here.
                 decoder_input = decoder_input.detach().requires_grad_()
