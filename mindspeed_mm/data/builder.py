@@ -113,7 +113,7 @@ def build_train_valid_datasets(config: DataConfig, local_rank: int | None = None
         raise NoUsableSamplesError(f"no usable training sample in {', '.join(files)}: every sample was "
                                    f"dropped ({counts}); see the reasons above")
     tokenizer, image_processor = processors
-    ids = VisionTokenIds.from_processors(tokenizer, image_processor)
+    ids = VisionTokenIds.from_processors(tokenizer, image_processor, settings.model_name_or_path)
     return Qwen2VLDataset(cache, image_processor, ids, tokenizer.pad_token_id, indices=keep,
                           video_settings=settings.video), None
 

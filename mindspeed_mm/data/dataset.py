@@ -10,7 +10,7 @@ import torch
 from mindspeed_mm.data.cache import CachedSamples
 from mindspeed_mm.data.formats import DropSample
 from mindspeed_mm.data.images import load_pixels
-from mindspeed_mm.data.positions import VisionTokenIds, sample_position_ids
+from mindspeed_mm.data.positions import VisionTokenIds, sample_position_ids, second_per_grid
 from mindspeed_mm.data.video import VideoSettings, load_video
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Qwen2VLDataset(torch.utils.data.Dataset):
             pixel_values, image_grid_thw = torch.from_numpy(pixels), torch.from_numpy(grid.astype(np.int64))
         videos, video_grid = self.cache.sample_videos(i if self.indices is None else int(self.indices[i]))
         pixel_values_videos = video_grid_thw = None
+        seconds = []  # per clip: the seconds one temporal patch spans (Qwen2.5-VL's positions)
         if videos:
             clips = [load_video(path, self.video_settings, self.image_processor) for path in videos]
             loaded = np.concatenate([g for _, g, _ in clips])
@@ -57,11 +58,12 @@ class Qwen2VLDataset(torch.utils.data.Dataset):
                 raise DropSample("corrupt_video", f"{videos}: clip changed on disk since preprocessing")
             pixel_values_videos = torch.from_numpy(np.concatenate([p for p, _, _ in clips]))
             video_grid_thw = torch.from_numpy(loaded.astype(np.int64))
+            seconds = [second_per_grid(self.image_processor.temporal_patch_size, s.sampled_fps) for _, _, s in clips]
         ids = torch.from_numpy(input_ids.astype(np.int64))
         return {
             "input_ids": ids,
             "labels": torch.from_numpy(labels.astype(np.int64)),
-            "position_ids": sample_position_ids(input_ids, grid, self.ids, video_grid),
+            "position_ids": sample_position_ids(input_ids, grid, self.ids, video_grid, seconds),
             "mm_token_type_ids": (ids == self.ids.image_token_id).long() + 2 * (ids == self.ids.video_token_id).long(),
             "pixel_values": pixel_values,
             "image_grid_thw": image_grid_thw,

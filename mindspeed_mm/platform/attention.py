@@ -108,26 +108,29 @@ _MASKS = _MaskCache()
 
 
 class _SegmentCache:
-    """Segment lengths of the last cu_seqlens seen (one host sync per forward, not per layer)."""
+    """Runs of equal-length segments of the last cu_seqlens seen (one host sync per forward, not per layer)."""
 
     def __init__(self):
-        self.ref, self.total, self.groups = None, None, None
+        self.ref, self.total, self.runs = None, None, None
 
     def get(self, cu: torch.Tensor, total: int):
         if self.ref is not None and self.ref() is cu and self.total == total:
-            return self.groups
+            return self.runs
         bounds = cu.tolist()
         if bounds[-1] < total:  # trailing padding forms its own segment, as in segment_ids
             bounds.append(total)
-        by_length = {}
+        runs = []  # [(segments, length)]: consecutive segments of one length, e.g. the frames of a clip
         for start, end in zip(bounds[:-1], bounds[1:]):
-            if end > start:
-                by_length.setdefault(end - start, []).append(start)
-        # {length: [n, length] token indices of the segments of that length}
-        self.groups = {n: torch.tensor(starts, device=cu.device)[:, None] + torch.arange(n, device=cu.device)
-                       for n, starts in by_length.items()}
+            n = end - start
+            if n <= 0:
+                continue
+            if runs and runs[-1][1] == n:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, n])
+        self.runs = [tuple(r) for r in runs]
         self.ref, self.total = weakref.ref(cu), total
-        return self.groups
+        return self.runs
 
 
 _SEGMENTS = _SegmentCache()
@@ -183,19 +186,23 @@ class CoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3)
 
     def _sdpa_segments(self, q, k, v, causal, cu, dropout, gqa):
-        """Packed sequences (the patches of several images): attention within each, batched by length.
+        """Packed sequences (samples of a pack, patches of several images): attention within each.
 
-        Cost sum(n_i^2) instead of a dense (sum n_i)^2 mask; q, k, v are [1, heads, s, dim].
+        Cost sum(n_i^2) instead of a dense (sum n_i)^2 mask; q, k, v are [1, heads, s, dim].  The row is
+        split into runs of consecutive equal-length segments, each run one batched SDPA call, and the
+        outputs concatenated: split / view / cat only, whose backward is one concatenation (an index
+        gather's backward would be a scatter-add, slow on the CPU: 2x the attention time).
         """
-        out = torch.empty_like(q)
-        for length, idx in _SEGMENTS.get(cu, q.shape[2]).items():
-            flat = idx.reshape(-1)
-            # [1, heads, n*len, dim] -> [n, heads, len, dim]
-            qs, ks, vs = (t[0, :, flat].unflatten(1, idx.shape).transpose(0, 1) for t in (q, k, v))
+        runs = _SEGMENTS.get(cu, q.shape[2])
+        sizes = [m * n for m, n in runs]
+        outs = []
+        for (m, n), qs, ks, vs in zip(runs, q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2)):
+            # [1, heads, m*n, dim] -> [m, heads, n, dim]
+            qs, ks, vs = (x.unflatten(2, (m, n))[0].transpose(0, 1) for x in (qs, ks, vs))
             o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal,
                                                scale=self.softmax_scale, enable_gqa=gqa)
-            out[0, :, flat] = o.transpose(0, 1).flatten(1, 2)
-        return out.permute(2, 0, 1, 3)
+            outs.append(o.transpose(0, 1).flatten(1, 2)[None])
+        return torch.cat(outs, 2).permute(2, 0, 1, 3)
 
     def _flash(self, q, k, v, causal, cu_q, cu_k, dropout):
         from flash_attn import flash_attn_func, flash_attn_varlen_func
