@@ -77,13 +77,15 @@ class Generator:
         self.stats = GenerationStats()
 
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grid: Optional[torch.Tensor],
-                   video_grid: Optional[torch.Tensor] = None):
+                   video_grid: Optional[torch.Tensor] = None, seconds: Optional[torch.Tensor] = None):
         """Prompt positions [3, b, s] and each sample's first decoding position [b]."""
         c = self.cfg
+        per_second = getattr(c.vision, "tokens_per_second", None)  # Qwen2.5-VL: absolute video time
+        timing = {} if per_second is None else dict(tokens_per_second=per_second, second_per_grid_ts=seconds)
         positions, deltas = get_rope_index(
             ids, grid, mask, spatial_merge_size=c.vision.spatial_merge_size, image_token_id=c.image_token_id,
             video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id,
-            video_grid_thw=video_grid)
+            video_grid_thw=video_grid, **timing)
         return positions, mask.sum(1) + deltas[:, 0]
 
     @torch.inference_mode()  # not just no_grad: megatron's linears are autograd Functions, cheaper this way
@@ -96,7 +98,8 @@ class Generator:
         """
         ids, prompt_mask = left_pad(batch.input_ids, self.pad_id)
         grid = batch.image_grid_thw
-        prompt_positions, first_position = self._positions(ids, prompt_mask, grid, batch.video_grid_thw)
+        prompt_positions, first_position = self._positions(ids, prompt_mask, grid, batch.video_grid_thw,
+                                                           batch.second_per_grid_ts)
         b, s = ids.shape
         longest = int(prompt_mask.sum(1).max())
         new_tokens = min(self.settings.max_new_tokens, self.max_length - longest)

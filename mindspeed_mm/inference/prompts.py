@@ -22,6 +22,7 @@ from mindspeed_mm.data.config import Attr
 from mindspeed_mm.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from mindspeed_mm.data.formats import RESERVED_TEXT, Conversation, DropSample, parse_record
 from mindspeed_mm.data.images import check_images, load_pixels
+from mindspeed_mm.data.positions import second_per_grid
 from mindspeed_mm.data.video import VideoSettings, load_video, probe, video_grid
 from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.data.template import Qwen2VLTemplate
@@ -49,6 +50,7 @@ class PromptBatch:
     image_grid_thw: Optional[torch.Tensor]  # [n_images, 3], images of prompt 0 first
     pixel_values_videos: Optional[torch.Tensor] = None  # [n_video_patches, C*T*P*P]
     video_grid_thw: Optional[torch.Tensor] = None  # [n_videos, 3], clips of prompt 0 first
+    second_per_grid_ts: Optional[torch.Tensor] = None  # [n_videos]: seconds per temporal patch (Qwen2.5-VL)
 
 
 def chat_conversation(prompt: str, images: List[str], system: Optional[str] = None,
@@ -139,7 +141,7 @@ class PromptBuilder:
             pixel_values, grid_thw = load_pixels(images, self.image_processor)
             pixels, grids = torch.from_numpy(np.asarray(pixel_values)), torch.from_numpy(np.asarray(grid_thw))
         videos = [p for prompt in prompts for p in prompt.videos]
-        video_pixels = video_grids = None
+        video_pixels = video_grids = seconds = None
         if videos:
             try:
                 clips = [load_video(p, self.video, self.image_processor) for p in videos]
@@ -147,4 +149,6 @@ class PromptBuilder:
                 raise UserError(f"{exc} ({exc.reason})") from None
             video_pixels = torch.from_numpy(np.concatenate([px for px, _, _ in clips]))
             video_grids = torch.from_numpy(np.concatenate([g for _, g, _ in clips]))
-        return PromptBatch([p.input_ids for p in prompts], pixels, grids, video_pixels, video_grids)
+            seconds = torch.tensor([second_per_grid(self.image_processor.temporal_patch_size, s.sampled_fps)
+                                    for _, _, s in clips], dtype=torch.float32)
+        return PromptBatch([p.input_ids for p in prompts], pixels, grids, video_pixels, video_grids, seconds)
