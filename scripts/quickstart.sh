@@ -20,6 +20,8 @@
 # LoRA trains neither the output layer nor the final norm, and a random head (std 0.02) cannot make any
 # token likely (loss stays above ~5), so the LoRA variant starts from a tiny model whose head is 10x
 # sharper, as a pretrained one's is: ckpt/hf_path/tiny-Qwen2-VL-sharp (make_tiny_qwen2vl.py --head-scale).
+# QS_FAMILY (qwen2_vl, the default, or qwen2_5_vl: the whole recipe on a tiny Qwen2.5-VL instead, with the
+# same launchers; the converted checkpoint's model.json names the family).
 # QS_VIDEO (a clip count, e.g. 16: scripts/make_tiny_clips.py draws that many clips of a square moving left,
 # right, up or down, trained on beside the images with "Which way does the square move?"; inference then
 # answers them too; 0, the default: images only).
@@ -35,6 +37,7 @@ QS_PACKING=${QS_PACKING:-0}
 if [ "$QS_PACKING" -gt 0 ]; then QS_GBS=${QS_GBS:-3}; else QS_GBS=${QS_GBS:-8}; fi
 QS_PP_ITERS=${QS_PP_ITERS:-8}
 QS_VIDEO=${QS_VIDEO:-0}
+QS_FAMILY=${QS_FAMILY:-qwen2_vl}
 # The clips' sampling, as scripts/quickstart_steps.py VIDEO_SETTINGS writes it into data.json.
 VIDEO_FLAGS=(--video-fps 4 --video-min-frames 4 --video-max-frames 8 --video-min-pixels $((56 * 56))
              --video-max-pixels $((112 * 112)))
@@ -43,7 +46,12 @@ MAX_PIXELS=$((112 * 112))
 
 NAME=tiny-Qwen2-VL
 MAKE_MODEL=()
-if [ "$QS_LORA" -gt 0 ]; then NAME=tiny-Qwen2-VL-sharp; MAKE_MODEL=(--head-scale 10); fi
+case "$QS_FAMILY" in
+    qwen2_vl) ;;
+    qwen2_5_vl) NAME=tiny-Qwen2.5-VL; MAKE_MODEL=(--family qwen2_5_vl) ;;
+    *) echo "error: QS_FAMILY=$QS_FAMILY: one of qwen2_vl, qwen2_5_vl" >&2; exit 2 ;;
+esac
+if [ "$QS_LORA" -gt 0 ]; then NAME=$NAME-sharp; MAKE_MODEL+=(--head-scale 10); fi
 HF_DIR=ckpt/hf_path/$NAME                 # the guide's ckpt/hf_path/Qwen2-VL-7B-Instruct
 MM_DIR=ckpt/$NAME                         # converted, TP=1 (the guide's ckpt/Qwen2-VL-7B-Instruct)
 MM_PP_DIR=ckpt/$NAME-pp2                  # converted, pipeline stages [ViT + embedding | 2 LLM layers]
@@ -92,7 +100,7 @@ fi
 mkdir -p ckpt data "$LOGS"
 
 # ---- 2. the "downloaded" HF checkpoint ---------------------------------------------------------
-step 2 "a tiny random Qwen2-VL in Hugging Face format -> $HF_DIR"
+step 2 "a tiny random $NAME in Hugging Face format -> $HF_DIR"
 if [ -f "$HF_DIR/model.safetensors" ] && [ -f "$HF_DIR/tokenizer.json" ]; then
     echo "reusing $HF_DIR"
 else
@@ -101,7 +109,7 @@ else
         "${MAKE_MODEL[@]}" \
         >/dev/null  # it names the temporary folder; the final one is printed below
     mv "$HF_DIR.tmp" "$HF_DIR"
-    echo "wrote tiny Qwen2-VL to $HF_DIR"
+    echo "wrote $NAME to $HF_DIR"
 fi
 
 # ---- 3. weight conversion -----------------------------------------------------------------------

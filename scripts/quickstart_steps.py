@@ -61,13 +61,16 @@ def hf_generate(export_dir: str, records: list[dict], max_new_tokens: int) -> li
     generation config (the stop ids our inference took from the HF folder too)."""
     import torch
     from PIL import Image
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    import transformers
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
     from tests.data_fixtures import hf_messages
 
     tok = AutoTokenizer.from_pretrained(export_dir)
     image_processor = Qwen2VLImageProcessor.from_pretrained(export_dir)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).eval()
+    with open(os.path.join(export_dir, "config.json")) as f:
+        architecture = json.load(f)["architectures"][0]  # Qwen2VL... or Qwen2_5_VLForConditionalGeneration
+    model = getattr(transformers, architecture).from_pretrained(export_dir, dtype=torch.float32).eval()
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
     answers = []
     for rec in records:
