@@ -44,6 +44,7 @@ from checkpoint.layout import LAYOUT_FILE, format_layout, iteration_dir, read_la
 from checkpoint.staging import check_save_dir, staged_dir, writing
 from mindspeed_mm.constants import HF_DTYPE_NAMES, dtype_name, torch_dtype
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.models import load_model_config, spec_of
 from mindspeed_mm.models.parallel import stage_layer_counts
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9
@@ -217,11 +218,16 @@ def _recorded_stage_layers(layout, states, cfg, config_source: str) -> List[int]
 
 
 def _checked_model_config(spec, load_dir: str, hf_cfg, hf_dir: str):
-    """The checkpoint's own model.json when it has one, checked against the HF config it is exported with."""
+    """The checkpoint's own model.json when it has one, checked against the HF config it is exported with:
+    the same family (its model_type; none is Qwen2-VL), then the same sizes."""
     path = os.path.join(load_dir, "model.json")
     if not os.path.isfile(path):
         return hf_cfg
-    cfg = spec.config_cls.load(path)
+    cfg = load_model_config(path)
+    saved = spec_of(cfg)
+    if saved is not spec:
+        raise UserError(f"{path} is a {saved.display_name} model but {hf_dir}/config.json is {spec.display_name} "
+                        f"(model_type {spec.name!r}): --hf-dir is not this model's HF folder")
     for part in ("vision", "text"):
         ours, theirs = getattr(cfg, part).__dict__, getattr(hf_cfg, part).__dict__
         for key in ours:

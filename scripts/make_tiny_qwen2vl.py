@@ -1,11 +1,15 @@
-"""Write a tiny random Qwen2-VL in Hugging Face format, fully offline.
+"""Write a tiny random Qwen2-VL (or Qwen2.5-VL) in Hugging Face format, fully offline.
 
     python scripts/make_tiny_qwen2vl.py --save-dir ./ckpt/tiny-qwen2vl
+    python scripts/make_tiny_qwen2vl.py --save-dir ./ckpt/tiny-qwen2.5vl --family qwen2_5_vl
 
-The folder loads with `Qwen2VLForConditionalGeneration.from_pretrained`,
-`AutoTokenizer.from_pretrained` and `Qwen2VLImageProcessor.from_pretrained`. Sizes are
-small, but everything that shapes the data path is kept as in Qwen2-VL: patch 14,
-merge 2, temporal patch 2, the special tokens and the real chat template.
+The folder loads with `Qwen2VLForConditionalGeneration.from_pretrained` (with `--family qwen2_5_vl`:
+`Qwen2_5_VLForConditionalGeneration.from_pretrained`), `AutoTokenizer.from_pretrained` and
+`Qwen2VLImageProcessor.from_pretrained` (Qwen2.5-VL uses the same image processor class, tokenizer and
+chat template). Sizes are small, but everything that shapes the data path is kept as in Qwen2-VL: patch
+14, merge 2, temporal patch 2, the special tokens and the real chat template; a Qwen2.5-VL also keeps
+window attention that splits images (window 56 px = 2x2 merged tokens, full attention in the second of
+its 3 ViT blocks only) and tokens_per_second 2.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ QWEN2_SPLIT_PATTERN = (
 )
 
 BPE_VOCAB_SIZE = 2048
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 _ENGLISH = """
 A small kitchen with a wooden table by the window. Two mugs and a plate of bread sit on
@@ -128,11 +134,28 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def tiny_config(vision_config: dict | None = None, **overrides):
-    """A small `Qwen2VLConfig`. `overrides` update the text config (or the top-level
-    token ids); `vision_config` entries update the vision config."""
+def tiny_config(vision_config: dict | None = None, family: str = "qwen2_vl", **overrides):
+    """A small `Qwen2VLConfig` (``family="qwen2_5_vl"``: a `Qwen2_5_VLConfig`). `overrides` update the
+    text config (or the top-level token ids); `vision_config` entries update the vision config."""
+    if family == "qwen2_5_vl":
+        return _tiny_config_2_5(vision_config, **overrides)
+    if family != "qwen2_vl":
+        raise ValueError(f"family {family!r}: one of {', '.join(FAMILIES)}")
     from transformers import Qwen2VLConfig
 
+    text, top = _tiny_text_config(overrides)
+    vision = dict(
+        depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=4,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+    )
+    vision.update(vision_config or {})
+    vision["hidden_size"] = text["hidden_size"]
+    return Qwen2VLConfig(text_config=text, vision_config=vision,
+                         tie_word_embeddings=text["tie_word_embeddings"], **top)
+
+
+def _tiny_text_config(overrides: dict) -> tuple[dict, dict]:
+    """(text config, top-level token ids) of the tiny models; ``overrides`` update them."""
     text = dict(
         vocab_size=BPE_VOCAB_SIZE + 128, hidden_size=128, intermediate_size=256,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -141,17 +164,27 @@ def tiny_config(vision_config: dict | None = None, **overrides):
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
-    vision = dict(
-        depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=4,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-    )
-    vision.update(vision_config or {})
     top_keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     top = {k: overrides.pop(k) for k in top_keys if k in overrides}
     text.update(overrides)
-    vision["hidden_size"] = text["hidden_size"]
-    return Qwen2VLConfig(text_config=text, vision_config=vision,
-                         tie_word_embeddings=text["tie_word_embeddings"], **top)
+    return text, top
+
+
+def _tiny_config_2_5(vision_config: dict | None = None, **overrides):
+    """A small `Qwen2_5_VLConfig`: the text part as Qwen2-VL's tiny one; the ViT 64 wide (its own width,
+    ``out_hidden_size`` the LLM's), a gated MLP, windows of 2x2 merged tokens, full attention in block 1."""
+    from transformers import Qwen2_5_VLConfig
+
+    text, top = _tiny_text_config(overrides)
+    vision = dict(
+        depth=3, hidden_size=64, intermediate_size=96, num_heads=4, hidden_act="silu",
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
+    )
+    vision.update(vision_config or {})
+    vision["out_hidden_size"] = text["hidden_size"]
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                            tie_word_embeddings=text["tie_word_embeddings"], **top)
 
 
 def make_image_processor(save_dir: str | None = None, min_pixels: int = 56 * 56,
@@ -166,9 +199,10 @@ def make_image_processor(save_dir: str | None = None, min_pixels: int = 56 * 56,
 
 def make_tiny_qwen2vl(save_dir: str, seed: int = 0, min_pixels: int = 56 * 56,
                       max_pixels: int = 224 * 224, with_model: bool = True, head_scale: float = 1.0,
-                      **config_overrides):
+                      family: str = "qwen2_vl", **config_overrides):
     """Write tokenizer, image processor and (unless `with_model=False`) a random model
-    to `save_dir`. Returns the `Qwen2VLConfig` written.
+    to `save_dir`. Returns the `Qwen2VLConfig` written (``family="qwen2_5_vl"``: a Qwen2.5-VL,
+    the `Qwen2_5_VLConfig`; its tokenizer, chat template and image processor are the same).
 
     ``head_scale`` multiplies the output layer: a random head (std 0.02) over a normalised hidden
     state gives logits within about +-2.6, so no token can reach a probability that would bring the
@@ -186,12 +220,14 @@ def make_tiny_qwen2vl(save_dir: str, seed: int = 0, min_pixels: int = 56 * 56,
     overrides.update({k: ids[k] for k in ("image_token_id", "video_token_id",
                                           "vision_start_token_id", "vision_end_token_id")})
     overrides.update(config_overrides)
-    config = tiny_config(**overrides)
+    config = tiny_config(family=family, **overrides)
     if with_model:
-        from transformers import Qwen2VLForConditionalGeneration
+        import transformers
 
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
+        model_cls = (transformers.Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
+                     else transformers.Qwen2VLForConditionalGeneration)
+        model = model_cls(config)
         if head_scale != 1.0:
             with torch.no_grad():
                 model.lm_head.weight.mul_(head_scale)
@@ -217,14 +253,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pixels", type=int, default=224 * 224)
     ap.add_argument("--head-scale", type=float, default=1.0,
                     help="multiply the output layer (a sharper head, as a pretrained model has: for LoRA demos)")
+    ap.add_argument("--family", choices=FAMILIES, default="qwen2_vl",
+                    help="the model family: qwen2_vl (default) or qwen2_5_vl")
     args = ap.parse_args(argv)
     try:
         make_tiny_qwen2vl(args.save_dir, seed=args.seed, min_pixels=args.min_pixels,
-                          max_pixels=args.max_pixels, head_scale=args.head_scale)
+                          max_pixels=args.max_pixels, head_scale=args.head_scale, family=args.family)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote tiny Qwen2-VL to {args.save_dir}")
+    name = "Qwen2.5-VL" if args.family == "qwen2_5_vl" else "Qwen2-VL"
+    print(f"wrote tiny {name} to {args.save_dir}")
     return 0
 
 

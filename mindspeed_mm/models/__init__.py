@@ -7,10 +7,11 @@ import json
 import os
 
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.models.qwen2_5_vl import QWEN2_5_VL
 from mindspeed_mm.models.qwen2vl import QWEN2VL
 from mindspeed_mm.models.spec import ModelSpec
 
-SPECS = {spec.name: spec for spec in (QWEN2VL,)}
+SPECS = {spec.name: spec for spec in (QWEN2VL, QWEN2_5_VL)}
 
 
 def get_spec(model_type: str = "qwen2_vl") -> ModelSpec:
@@ -22,10 +23,11 @@ def get_spec(model_type: str = "qwen2_vl") -> ModelSpec:
 
 
 def spec_of(cfg) -> ModelSpec:
-    """The spec whose config class built ``cfg``."""
-    for spec in SPECS.values():
-        if isinstance(cfg, spec.config_cls):
-            return spec
+    """The spec whose config class built ``cfg`` (the most derived one: Qwen2.5-VL's config class extends
+    Qwen2-VL's)."""
+    matches = [spec for spec in SPECS.values() if isinstance(cfg, spec.config_cls)]
+    if matches:
+        return max(matches, key=lambda spec: len(spec.config_cls.__mro__))
     raise TypeError(f"no model spec for config type {type(cfg).__name__}")
 
 
@@ -38,8 +40,9 @@ def spec_for_hf_config(hf_config: dict) -> ModelSpec:
 
 def load_model_config(path: str):
     """A model JSON, a converted checkpoint's folder (its model.json) or an HF config.json, read by its
-    family's config class.  Our model.json names no family yet, so it is Qwen2-VL's; a file that
-    cannot be read goes to Qwen2-VL's reader too, whose one-line error names the problem."""
+    family's config class, picked by the file's ``model_type`` (HF's, or our model.json's).  A model.json
+    without ``model_type`` is Qwen2-VL's (written before families had names); a file that cannot be read
+    goes to Qwen2-VL's reader too, whose one-line error names the problem."""
     file = os.path.join(path, "model.json") if os.path.isdir(path) else path
     try:
         with open(file, encoding="utf-8") as f:

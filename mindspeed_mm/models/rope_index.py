@@ -4,7 +4,10 @@ Text tokens advance all three components together by 1.  The tokens of one
 image or video (a run of ``<|image_pad|>`` / ``<|video_pad|>`` tokens, one per
 merged 2x2 patch, row-major over its ``(t, h/merge, w/merge)`` grid) share the
 start position ``p`` and get ``(p + t_i, p + h_i, p + w_i)``; the text after
-it continues at ``p + max(h, w) / merge``.  Padding (``attention_mask == 0``)
+it continues at ``p + max(h, w) / merge``.  Qwen2.5-VL (``tokens_per_second`` given) steps a video's
+temporal component by absolute time instead: temporal patch ``t_i`` sits at ``p + int(t_i * interval)``
+with ``interval = tokens_per_second * second_per_grid_t`` (the clip's seconds per temporal patch), cast
+as transformers' ``Qwen2_5_VLModel.get_rope_index`` casts it.  Padding (``attention_mask == 0``)
 gets position 0 and is skipped, so left and right padding give the same
 positions to the real tokens.  This is transformers 5's
 ``Qwen2VLModel.get_rope_index`` (tested against it in tests/test_rope_index.py).
@@ -16,9 +19,13 @@ import torch
 from mindspeed_mm.errors import UserError
 
 
-def _vision_positions(start: int, t: int, gh: int, gw: int) -> torch.Tensor:
-    """[3, t*gh*gw] positions of one image/video, row-major over (t, gh, gw)."""
-    ti = torch.arange(t).repeat_interleave(gh * gw)
+def _vision_positions(start: int, t: int, gh: int, gw: int, interval=None) -> torch.Tensor:
+    """[3, t*gh*gw] positions of one image/video, row-major over (t, gh, gw).
+
+    ``interval`` (Qwen2.5-VL videos): temporal patch i at ``int(i * interval)``, computed as HF does it
+    (``(arange(t) * interval).long()``: a float32 product when interval is a float32 tensor, truncated)."""
+    steps = torch.arange(t) if interval is None else (torch.arange(t) * interval).long()
+    ti = steps.repeat_interleave(gh * gw)
     hi = torch.arange(gh).repeat_interleave(gw).repeat(t)
     wi = torch.arange(gw).repeat(t * gh)
     return torch.stack([ti, hi, wi]) + start
@@ -27,7 +34,8 @@ def _vision_positions(start: int, t: int, gh: int, gw: int) -> torch.Tensor:
 def get_rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor] = None,
                    attention_mask: Optional[torch.Tensor] = None, *, spatial_merge_size: int,
                    image_token_id: int, video_token_id: int, vision_start_token_id: int = None,
-                   video_grid_thw: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   video_grid_thw: Optional[torch.Tensor] = None, second_per_grid_ts=None,
+                   tokens_per_second: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Position ids [3, b, s] (long) and rope deltas [b, 1] (long: max position + 1 - real length).
 
     ``image_grid_thw`` [n_img, 3] / ``video_grid_thw`` [n_vid, 3] list the
@@ -35,8 +43,20 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tenso
     Images are found as runs of ``image_token_id`` (the tokens between
     ``<|vision_start|>`` and ``<|vision_end|>``); ``vision_start_token_id`` is
     accepted for the callers' convenience and not needed.
+
+    ``tokens_per_second`` (Qwen2.5-VL's ``vision_config.tokens_per_second``) turns on absolute video time:
+    video ``k`` (batch order) steps its temporal positions by ``tokens_per_second * second_per_grid_ts[k]``
+    (``second_per_grid_ts`` [n_vid]: seconds per temporal patch, a tensor or a list; None: 1 s, as HF).
+    With ``tokens_per_second`` None the rule is Qwen2-VL's (one step per temporal patch) and
+    ``second_per_grid_ts`` is not used.  Images always step by 1 (they have one temporal patch).
     """
     del vision_start_token_id
+    seconds = None
+    if tokens_per_second is not None and second_per_grid_ts is not None:
+        seconds = torch.as_tensor(second_per_grid_ts).detach().cpu().reshape(-1)
+        if len(seconds) != len(_grid_list(video_grid_thw)):
+            raise UserError(f"second_per_grid_ts has {len(seconds)} entries but video_grid_thw has "
+                            f"{len(_grid_list(video_grid_thw))} videos")
     batch, seq = input_ids.shape
     ids_cpu = input_ids.detach().cpu()
     mask = None if attention_mask is None else attention_mask.detach().cpu().bool()
@@ -64,7 +84,11 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tenso
                 if tokens[j:j + count] != [tok] * count:
                     raise UserError(f"sample {b}: {kind} {used[tok] - 1} with grid (t={t}, h={h}, w={w}) needs "
                                     f"{count} consecutive {kind} tokens, input_ids hold fewer")
-                chunks.append(_vision_positions(pos, t, gh, gw))
+                interval = None
+                if kind == "video" and tokens_per_second is not None:
+                    # HF: tokens_per_second * next(second_per_grid_ts) (a 0-d tensor element, or 1 when none)
+                    interval = tokens_per_second * (seconds[used[tok] - 1] if seconds is not None else 1)
+                chunks.append(_vision_positions(pos, t, gh, gw, interval))
                 pos += max(gh, gw)
                 j += count
             else:

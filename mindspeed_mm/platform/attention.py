@@ -108,14 +108,16 @@ _MASKS = _MaskCache()
 
 
 class _SegmentCache:
-    """Runs of equal-length segments of the last cu_seqlens seen (one host sync per forward, not per layer)."""
+    """Runs of equal-length segments of the last two cu_seqlens seen (one host sync per forward and
+    boundary set, not per layer; two: Qwen2.5-VL's ViT alternates per-window and per-frame boundaries)."""
 
     def __init__(self):
-        self.ref, self.total, self.runs = None, None, None
+        self.entries = []  # [(weakref to cu, total, runs)], most recent last
 
     def get(self, cu: torch.Tensor, total: int):
-        if self.ref is not None and self.ref() is cu and self.total == total:
-            return self.runs
+        for ref, seen_total, runs in self.entries:
+            if ref() is cu and seen_total == total:
+                return runs
         bounds = cu.tolist()
         if bounds[-1] < total:  # trailing padding forms its own segment, as in segment_ids
             bounds.append(total)
@@ -128,9 +130,9 @@ class _SegmentCache:
                 runs[-1][0] += 1
             else:
                 runs.append([1, n])
-        self.runs = [tuple(r) for r in runs]
-        self.ref, self.total = weakref.ref(cu), total
-        return self.runs
+        runs = [tuple(r) for r in runs]
+        self.entries = self.entries[-1:] + [(weakref.ref(cu), total, runs)]
+        return runs
 
 
 _SEGMENTS = _SegmentCache()

@@ -62,7 +62,12 @@ def packed_sequences(cu_seqlens: torch.Tensor) -> PackedSeqParams:
 
 
 class Qwen2VLModel(MegatronModule):
-    """One pipeline stage of Qwen2-VL (the whole model when pre_process and post_process)."""
+    """One pipeline stage of Qwen2-VL (the whole model when pre_process and post_process).
+
+    A family on the same decoder (models/qwen2_5_vl) subclasses it: its own ``mapping``, ``build_vision``
+    and ``rope_positions``; the LLM, the feature injection and the pipeline hooks stay these."""
+
+    mapping = MAPPING  # the family's weight table (load_full_state)
 
     def __init__(self, cfg: Qwen2VLConfig, parallel: Optional[ParallelSettings] = None,
                  pre_process: bool = True, post_process: bool = True, **parallel_kwargs):
@@ -76,13 +81,27 @@ class Qwen2VLModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # megatron's schedules ask for it
         if pre_process:
-            vision_config = vision_transformer_config(cfg, parallel)
-            self.vision_encoder = VisionEncoder(cfg.vision, vision_config)
-            self.vision_projector = VisionProjector(cfg.vision, vision_config)
+            self.vision_encoder, self.vision_projector = self.build_vision(cfg, parallel)
         self.language_model = Qwen2LanguageModel(cfg, config, pre_process, post_process)
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
         self.input_needs_grad = False  # set by models/lora.apply_lora: only adapters train
         self._freeze()
+
+    def build_vision(self, cfg, parallel: ParallelSettings):
+        """(vision encoder, projector) of the first pipeline stage."""
+        vision_config = vision_transformer_config(cfg, parallel)
+        return VisionEncoder(cfg.vision, vision_config), VisionProjector(cfg.vision, vision_config)
+
+    def rope_positions(self, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+                       attention_mask: Optional[torch.Tensor], video_grid_thw: Optional[torch.Tensor],
+                       second_per_grid_ts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """M-RoPE position ids [3, b, s] when the caller gives none; Qwen2-VL's videos step by temporal patch,
+        so ``second_per_grid_ts`` is not used here."""
+        position_ids, _ = get_rope_index(
+            input_ids, image_grid_thw, attention_mask, spatial_merge_size=self.cfg.vision.spatial_merge_size,
+            image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
+            vision_start_token_id=self.cfg.vision_start_token_id, video_grid_thw=video_grid_thw)
+        return position_ids
 
     # ---- freezing ------------------------------------------------------------------------
     def _freeze(self) -> None:
@@ -152,11 +171,13 @@ class Qwen2VLModel(MegatronModule):
                 attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 inference_context=None, cu_seqlens: Optional[torch.Tensor] = None,
-                pixel_values_videos: Optional[torch.Tensor] = None, video_grid_thw: Optional[torch.Tensor] = None):
+                pixel_values_videos: Optional[torch.Tensor] = None, video_grid_thw: Optional[torch.Tensor] = None,
+                second_per_grid_ts: Optional[torch.Tensor] = None):
         """input_ids [b, s]; position_ids [3, b, s] or None; attention_mask [b, s] (1 = token) or None;
         pixel_values [n_patches, 1176]; image_grid_thw [n_img, 3]; labels [b, s] already shifted;
         pixel_values_videos [n_video_patches, 1176] (C * temporal_patch * P * P, as images);
-        video_grid_thw [n_vid, 3] (t >= 1 temporal patches, h, w).
+        video_grid_thw [n_vid, 3] (t >= 1 temporal patches, h, w); second_per_grid_ts [n_vid] (seconds per
+        temporal patch: used by families with absolute video time, Qwen2.5-VL, when position_ids is None).
 
         Images fill the <|image_pad|> tokens, videos the <|video_pad|> tokens, each in order (sample 0
         first; a video's t*h*w / merge**2 tokens frame by frame).  Each sample's token counts must match its
@@ -185,10 +206,8 @@ class Qwen2VLModel(MegatronModule):
             raise UserError(f"--sequence-parallel: sequence length {input_ids.shape[1]} is not a multiple of "
                             f"--tensor-model-parallel-size {tp}; pad batches to a multiple of it")
         if position_ids is None:
-            position_ids, _ = get_rope_index(
-                input_ids, image_grid_thw, attention_mask, spatial_merge_size=self.cfg.vision.spatial_merge_size,
-                image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
-                vision_start_token_id=self.cfg.vision_start_token_id, video_grid_thw=video_grid_thw)
+            position_ids = self.rope_positions(input_ids, image_grid_thw, attention_mask, video_grid_thw,
+                                               second_per_grid_ts)
         decoder_input = None
         decoding = inference_context is not None and inference_context.sequence_len_offset > 0
         if self.pre_process:
@@ -213,14 +232,14 @@ class Qwen2VLModel(MegatronModule):
     # ---- weights -------------------------------------------------------------------------
     def load_full_state(self, full_state: Mapping[str, torch.Tensor], tp_rank: Optional[int] = None,
                         pp_rank: Optional[int] = None) -> None:
-        """Load a full TP=1 state in our names (e.g. ``QWEN2VL.hf_to_mm(hf_state, cfg)``).
+        """Load a full TP=1 state in our names (e.g. ``QWEN2VL.hf_to_mm(hf_state, cfg)``, or the family's spec).
 
         This rank's shard is cut by the table-driven ``models.sharding.shard_state`` and loaded strictly.
         """
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
         pp_rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
-        shard = shard_state(MAPPING, full_state, self.cfg, self.parallel.tensor_parallel, tp_rank, self.stage_layers,
-                            pp_rank)
+        shard = shard_state(self.mapping, full_state, self.cfg, self.parallel.tensor_parallel, tp_rank,
+                            self.stage_layers, pp_rank)
         missing, unexpected = self.load_state_dict(shard, strict=False)
         missing = [k for k in missing if f".{ADAPTER}.lora_" not in k]  # LoRA adapters are not base weights
         if missing or unexpected:
