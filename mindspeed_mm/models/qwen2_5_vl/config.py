@@ -16,7 +16,7 @@ from typing import List
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import load_json_text
-from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig, _hf_dtype
+from mindspeed_mm.models.qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig, hf_text_and_tokens
 
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -80,9 +80,6 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
         text.update(hf.get("text_config") or {})
         vis = hf["vision_config"]
         try:
-            rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-            rope_theta = text.get("rope_theta", rope.get("rope_theta", 1000000.0))
-            tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
             cfg = cls(
                 vision=Qwen2_5_VisionConfig(
                     num_layers=vis["depth"], hidden_size=vis["hidden_size"],
@@ -97,22 +94,7 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
                     fullatt_block_indexes=[int(i) for i in vis.get("fullatt_block_indexes", [7, 15, 23, 31])],
                     tokens_per_second=vis.get("tokens_per_second", 2),
                 ),
-                text=TextConfig(
-                    num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
-                    num_attention_heads=text["num_attention_heads"],
-                    num_query_groups=text.get("num_key_value_heads", text["num_attention_heads"]),
-                    ffn_hidden_size=text["intermediate_size"], vocab_size=text["vocab_size"],
-                    max_position_embeddings=text.get("max_position_embeddings", 128000),
-                    rope_theta=float(rope_theta),
-                    mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
-                    normalization_epsilon=text.get("rms_norm_eps", 1e-6),
-                    tie_word_embeddings=bool(tie),
-                ),
-                image_token_id=hf.get("image_token_id", text.get("image_token_id", 151655)),
-                video_token_id=hf.get("video_token_id", text.get("video_token_id", 151656)),
-                vision_start_token_id=hf.get("vision_start_token_id", text.get("vision_start_token_id", 151652)),
-                vision_end_token_id=hf.get("vision_end_token_id", text.get("vision_end_token_id", 151653)),
-                dtype=_hf_dtype(hf.get("torch_dtype") or hf.get("dtype") or text.get("dtype")),
+                **hf_text_and_tokens(hf, text, max_positions=128000),
             )
         except KeyError as exc:
             raise UserError(f"{source}: missing key {exc.args[0]!r} in a Qwen2.5-VL config") from None

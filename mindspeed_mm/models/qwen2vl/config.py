@@ -61,6 +61,31 @@ class TextConfig:
         return -(-self.vocab_size // multiple) * multiple
 
 
+def hf_text_and_tokens(hf: dict, text: dict, max_positions: int) -> dict:
+    """The Qwen2 LLM part of an HF config (``text``: the top level updated with its text_config), the
+    vision token ids and the dtype, as keyword arguments of a family's config class: the same for every
+    family on this decoder.  ``max_positions``: the family's default max_position_embeddings."""
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    return dict(
+        text=TextConfig(
+            num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
+            num_attention_heads=text["num_attention_heads"],
+            num_query_groups=text.get("num_key_value_heads", text["num_attention_heads"]),
+            ffn_hidden_size=text["intermediate_size"], vocab_size=text["vocab_size"],
+            max_position_embeddings=text.get("max_position_embeddings", max_positions),
+            rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 1000000.0))),
+            mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
+            normalization_epsilon=text.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        ),
+        image_token_id=hf.get("image_token_id", text.get("image_token_id", 151655)),
+        video_token_id=hf.get("video_token_id", text.get("video_token_id", 151656)),
+        vision_start_token_id=hf.get("vision_start_token_id", text.get("vision_start_token_id", 151652)),
+        vision_end_token_id=hf.get("vision_end_token_id", text.get("vision_end_token_id", 151653)),
+        dtype=_hf_dtype(hf.get("torch_dtype") or hf.get("dtype") or text.get("dtype")),
+    )
+
+
 @dataclass
 class Qwen2VLConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -111,9 +136,6 @@ class Qwen2VLConfig:
         text.update(hf.get("text_config") or {})
         vis = hf["vision_config"]
         try:
-            rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-            rope_theta = text.get("rope_theta", rope.get("rope_theta", 1000000.0))
-            tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
             cfg = cls(
                 vision=VisionConfig(
                     num_layers=vis["depth"], hidden_size=vis["embed_dim"],
@@ -126,22 +148,7 @@ class Qwen2VLConfig:
                     in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
                     activation_func=vis.get("hidden_act", "quick_gelu"),
                 ),
-                text=TextConfig(
-                    num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
-                    num_attention_heads=text["num_attention_heads"],
-                    num_query_groups=text.get("num_key_value_heads", text["num_attention_heads"]),
-                    ffn_hidden_size=text["intermediate_size"], vocab_size=text["vocab_size"],
-                    max_position_embeddings=text.get("max_position_embeddings", 32768),
-                    rope_theta=float(rope_theta),
-                    mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
-                    normalization_epsilon=text.get("rms_norm_eps", 1e-6),
-                    tie_word_embeddings=bool(tie),
-                ),
-                image_token_id=hf.get("image_token_id", text.get("image_token_id", 151655)),
-                video_token_id=hf.get("video_token_id", text.get("video_token_id", 151656)),
-                vision_start_token_id=hf.get("vision_start_token_id", text.get("vision_start_token_id", 151652)),
-                vision_end_token_id=hf.get("vision_end_token_id", text.get("vision_end_token_id", 151653)),
-                dtype=_hf_dtype(hf.get("torch_dtype") or hf.get("dtype") or text.get("dtype")),
+                **hf_text_and_tokens(hf, text, max_positions=32768),
             )
         except KeyError as exc:
             raise UserError(f"{source}: missing key {exc.args[0]!r} in a Qwen2-VL config") from None
