@@ -13,8 +13,8 @@ from typing import Tuple
 
 from mindspeed_mm.models.mapping import (COLUMN, COPY, GATE_UP, GATED_COLUMN, REPLICATED, ROW, MappingTable,
                                          Param)
-from mindspeed_mm.models.qwen2vl.mapping import (PATCH_EMBED, VISION_LAYER, VISION_QKV, embedding_rows,
-                                                 head_rows, text_rows)
+from mindspeed_mm.models.qwen2vl.mapping import (PATCH_EMBED, VISION_LAYER, embedding_rows, head_rows, text_rows,
+                                                 vision_attention_rows)
 
 
 def _v(cfg):
@@ -38,14 +38,7 @@ def _vision_rows():
     return [
         Param(VISION_LAYER + "input_layernorm.weight", (vis + "norm1.weight",), COPY, REPLICATED,
               lambda c: (_v(c).hidden_size,), "vision"),
-        Param(VISION_LAYER + "self_attention.linear_qkv.weight", (vis + "attn.qkv.weight",), VISION_QKV, COLUMN,
-              lambda c: (3 * _v(c).hidden_size, _v(c).hidden_size), "vision"),
-        Param(VISION_LAYER + "self_attention.linear_qkv.bias", (vis + "attn.qkv.bias",), VISION_QKV, COLUMN,
-              lambda c: (3 * _v(c).hidden_size,), "vision"),
-        Param(VISION_LAYER + "self_attention.linear_proj.weight", (vis + "attn.proj.weight",), COPY, ROW,
-              lambda c: (_v(c).hidden_size, _v(c).hidden_size), "vision"),
-        Param(VISION_LAYER + "self_attention.linear_proj.bias", (vis + "attn.proj.bias",), COPY, REPLICATED,
-              lambda c: (_v(c).hidden_size,), "vision"),
+        *vision_attention_rows(vis),
         Param(VISION_LAYER + "pre_mlp_layernorm.weight", (vis + "norm2.weight",), COPY, REPLICATED,
               lambda c: (_v(c).hidden_size,), "vision"),
         Param(VISION_LAYER + "mlp.linear_fc1.weight", (vis + "mlp.gate_proj.weight", vis + "mlp.up_proj.weight"),

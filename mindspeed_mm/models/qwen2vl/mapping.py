@@ -71,13 +71,10 @@ def _qkv_rows(cfg):
     return (t.num_attention_heads + 2 * t.num_query_groups) * t.kv_channels
 
 
-def _vision_rows():
-    vis = "visual.blocks.{i}."
+def vision_attention_rows(vis: str):
+    """A ViT block's attention (fused qkv with bias, proj with bias): the same in every Qwen-VL family;
+    ``vis`` is the HF block prefix."""
     return [
-        Param(VISION_LAYER + "input_layernorm.weight", (vis + "norm1.weight",), COPY, REPLICATED,
-              lambda c: (_v(c).hidden_size,), "vision"),
-        Param(VISION_LAYER + "input_layernorm.bias", (vis + "norm1.bias",), COPY, REPLICATED,
-              lambda c: (_v(c).hidden_size,), "vision"),
         Param(VISION_LAYER + "self_attention.linear_qkv.weight", (vis + "attn.qkv.weight",), VISION_QKV, COLUMN,
               lambda c: (3 * _v(c).hidden_size, _v(c).hidden_size), "vision"),
         Param(VISION_LAYER + "self_attention.linear_qkv.bias", (vis + "attn.qkv.bias",), VISION_QKV, COLUMN,
@@ -86,6 +83,17 @@ def _vision_rows():
               lambda c: (_v(c).hidden_size, _v(c).hidden_size), "vision"),
         Param(VISION_LAYER + "self_attention.linear_proj.bias", (vis + "attn.proj.bias",), COPY, REPLICATED,
               lambda c: (_v(c).hidden_size,), "vision"),
+    ]
+
+
+def _vision_rows():
+    vis = "visual.blocks.{i}."
+    return [
+        Param(VISION_LAYER + "input_layernorm.weight", (vis + "norm1.weight",), COPY, REPLICATED,
+              lambda c: (_v(c).hidden_size,), "vision"),
+        Param(VISION_LAYER + "input_layernorm.bias", (vis + "norm1.bias",), COPY, REPLICATED,
+              lambda c: (_v(c).hidden_size,), "vision"),
+        *vision_attention_rows(vis),
         Param(VISION_LAYER + "pre_mlp_layernorm.weight", (vis + "norm2.weight",), COPY, REPLICATED,
               lambda c: (_v(c).hidden_size,), "vision"),
         Param(VISION_LAYER + "pre_mlp_layernorm.bias", (vis + "norm2.bias",), COPY, REPLICATED,
