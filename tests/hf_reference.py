@@ -73,6 +73,23 @@ def _image(grid):
             + [TOKENS["vision_end_token_id"]])
 
 
+def _padded(samples, padding_side: str, pad_to_multiple: int):
+    """(input_ids, labels, attention_mask) [b, s] of (prompt, answer) token lists, padded on one side to the
+    longest (a multiple of ``pad_to_multiple``); labels are the answers."""
+    seq = max(len(p) + len(a) for p, a in samples)
+    seq = -(-seq // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((len(samples), seq), PAD_ID)
+    labels = torch.full((len(samples), seq), -100)
+    attention_mask = torch.zeros(len(samples), seq, dtype=torch.long)
+    for b, (prompt, answer) in enumerate(samples):
+        n = len(prompt) + len(answer)
+        start = 0 if padding_side == "right" else seq - n
+        input_ids[b, start:start + n] = torch.tensor(prompt + answer)
+        labels[b, start + len(prompt):start + n] = torch.tensor(answer)
+        attention_mask[b, start:start + n] = 1
+    return input_ids, labels, attention_mask
+
+
 def make_batch(padding_side: str = "right", seed: int = 0, pad_to_multiple: int = 1):
     """dict: input_ids / attention_mask / labels / mm_token_type_ids [2, s], pixel_values [n_patches, 1176],
     image_grid_thw [2, 3]. Labels supervise the 'answer' tail of each sample; s is 31 rounded up to
@@ -81,17 +98,7 @@ def make_batch(padding_side: str = "right", seed: int = 0, pad_to_multiple: int 
     answer0 = _tokens(6, seed + 2)
     prompt1, answer1 = _tokens(5, seed + 3), _tokens(4, seed + 4)
     samples = [(prompt0, answer0), (prompt1, answer1)]
-    seq = max(len(p) + len(a) for p, a in samples)
-    seq = -(-seq // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((2, seq), PAD_ID)
-    labels = torch.full((2, seq), -100)
-    attention_mask = torch.zeros(2, seq, dtype=torch.long)
-    for b, (prompt, answer) in enumerate(samples):
-        n = len(prompt) + len(answer)
-        start = 0 if padding_side == "right" else seq - n
-        input_ids[b, start:start + n] = torch.tensor(prompt + answer)
-        labels[b, start + len(prompt):start + n] = torch.tensor(answer)
-        attention_mask[b, start:start + n] = 1
+    input_ids, labels, attention_mask = _padded(samples, padding_side, pad_to_multiple)
     n_patches = sum(t * h * w for t, h, w in IMAGE_GRIDS)
     pixel_values = torch.randn(n_patches, PATCH_DIM, generator=torch.Generator().manual_seed(seed + 5))
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
@@ -166,18 +173,7 @@ def make_mm_batch(layouts, padding_side: str = "right", seed: int = 0, pad_to_mu
             prompt += _vision_item(kind, grid) + _tokens(2, seed + 10 * b + i + 1)
             grids[kind].append(tuple(grid))
         samples.append((prompt, _tokens(5, seed + 10 * b + 9)))
-    seq = max(len(p) + len(a) for p, a in samples)
-    seq = -(-seq // pad_to_multiple) * pad_to_multiple
-    batch_size = len(samples)
-    input_ids = torch.full((batch_size, seq), PAD_ID)
-    labels = torch.full((batch_size, seq), -100)
-    attention_mask = torch.zeros(batch_size, seq, dtype=torch.long)
-    for b, (prompt, answer) in enumerate(samples):
-        n = len(prompt) + len(answer)
-        start = 0 if padding_side == "right" else seq - n
-        input_ids[b, start:start + n] = torch.tensor(prompt + answer)
-        labels[b, start + len(prompt):start + n] = torch.tensor(answer)
-        attention_mask[b, start:start + n] = 1
+    input_ids, labels, attention_mask = _padded(samples, padding_side, pad_to_multiple)
     mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     for k, (kind, pixels_key) in enumerate((("image", "pixel_values"), ("video", "pixel_values_videos"))):
