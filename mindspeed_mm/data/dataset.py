@@ -10,8 +10,8 @@ import torch
 from mindspeed_mm.data.cache import CachedSamples
 from mindspeed_mm.data.formats import DropSample
 from mindspeed_mm.data.images import load_pixels
-from mindspeed_mm.data.positions import VisionTokenIds, sample_position_ids, second_per_grid
-from mindspeed_mm.data.video import VideoSettings, load_video
+from mindspeed_mm.data.positions import VisionTokenIds, sample_position_ids
+from mindspeed_mm.data.video import VideoSettings, load_videos
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,11 @@ class Qwen2VLDataset(torch.utils.data.Dataset):
         pixel_values_videos = video_grid_thw = None
         seconds = []  # per clip: the seconds one temporal patch spans (Qwen2.5-VL's positions)
         if videos:
-            clips = [load_video(path, self.video_settings, self.image_processor) for path in videos]
-            loaded = np.concatenate([g for _, g, _ in clips])
+            pixels, loaded, seconds = load_videos(videos, self.video_settings, self.image_processor)
             if not np.array_equal(loaded, video_grid):
                 raise DropSample("corrupt_video", f"{videos}: clip changed on disk since preprocessing")
-            pixel_values_videos = torch.from_numpy(np.concatenate([p for p, _, _ in clips]))
+            pixel_values_videos = torch.from_numpy(pixels)
             video_grid_thw = torch.from_numpy(loaded.astype(np.int64))
-            seconds = [second_per_grid(self.image_processor.temporal_patch_size, s.sampled_fps) for _, _, s in clips]
         ids = torch.from_numpy(input_ids.astype(np.int64))
         return {
             "input_ids": ids,

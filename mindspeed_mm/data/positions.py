@@ -41,11 +41,6 @@ def tokens_per_second_of(model_dir: Optional[str]) -> Optional[float]:
     return float((config.get("vision_config") or {}).get("tokens_per_second", 2))
 
 
-def second_per_grid(temporal_patch_size: int, sampled_fps: float) -> float:
-    """Seconds one temporal patch of a clip spans (HF Qwen2_5_VLProcessor: temporal_patch_size / fps)."""
-    return temporal_patch_size / sampled_fps
-
-
 def _grid(grid_thw) -> torch.Tensor | None:
     return torch.from_numpy(np.asarray(grid_thw, dtype=np.int64)) if grid_thw is not None and len(grid_thw) else None
 

@@ -254,3 +254,13 @@ def load_video(path: str, settings: VideoSettings, image_processor,
     grid = np.array([[-(-len(indices) // tps), h // p, w // p]], dtype=np.int64)
     sampled_fps = len(indices) / info.frames * info.fps  # HF VideoMetadata.sampled_fps
     return pixel_values, grid, VideoSampling(info, indices, sampled_fps)
+
+
+def load_videos(paths: Sequence[str], settings: VideoSettings, image_processor,
+                backend: str = "av") -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """The clips of a sample or batch, in order: pixel_values_videos, video_grid_thw [n, 3] and, per clip,
+    the seconds one temporal patch spans (HF Qwen2_5_VLProcessor's second_per_grid_ts:
+    temporal_patch_size / sampled fps; Qwen2.5-VL's positions use it)."""
+    clips = [load_video(p, settings, image_processor, backend) for p in paths]
+    seconds = [image_processor.temporal_patch_size / s.sampled_fps for _, _, s in clips]
+    return np.concatenate([p for p, _, _ in clips]), np.concatenate([g for _, g, _ in clips]), seconds

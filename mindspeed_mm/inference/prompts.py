@@ -22,8 +22,7 @@ from mindspeed_mm.data.config import Attr
 from mindspeed_mm.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from mindspeed_mm.data.formats import RESERVED_TEXT, Conversation, DropSample, parse_record
 from mindspeed_mm.data.images import check_images, load_pixels
-from mindspeed_mm.data.positions import second_per_grid
-from mindspeed_mm.data.video import VideoSettings, load_video, probe, video_grid
+from mindspeed_mm.data.video import VideoSettings, load_videos, probe, video_grid
 from mindspeed_mm.jsonio import load_json
 from mindspeed_mm.data.template import Qwen2VLTemplate
 from mindspeed_mm.errors import UserError
@@ -144,11 +143,9 @@ class PromptBuilder:
         video_pixels = video_grids = seconds = None
         if videos:
             try:
-                clips = [load_video(p, self.video, self.image_processor) for p in videos]
+                clip_pixels, clip_grids, clip_seconds = load_videos(videos, self.video, self.image_processor)
             except DropSample as exc:  # a clip that probed fine but does not decode
                 raise UserError(f"{exc} ({exc.reason})") from None
-            video_pixels = torch.from_numpy(np.concatenate([px for px, _, _ in clips]))
-            video_grids = torch.from_numpy(np.concatenate([g for _, g, _ in clips]))
-            seconds = torch.tensor([second_per_grid(self.image_processor.temporal_patch_size, s.sampled_fps)
-                                    for _, _, s in clips], dtype=torch.float32)
+            video_pixels, video_grids = torch.from_numpy(clip_pixels), torch.from_numpy(clip_grids)
+            seconds = torch.tensor(clip_seconds, dtype=torch.float32)
         return PromptBatch([p.input_ids for p in prompts], pixels, grids, video_pixels, video_grids, seconds)
