@@ -5,9 +5,11 @@ the safetensors files when that rank needs it (as byte ranges copied in the
 kernel, checkpoint/copy_plan.py, unless a dtype cast needs the values); ours ->
 HF writes each safetensors shard from byte ranges of the rank files
 (checkpoint/export_plan.py; merged and transformed in memory, one tensor at a
-time, only for a cast or what the byte ranges cannot describe).  Every input is
-checked before anything is written, and the output folder appears only when
-complete (checkpoint/staging.py).
+time, only for a cast or what the byte ranges cannot describe).  Neither byte
+path imports torch (~2.5 s of a small machine's start-up, half a 2B copy):
+dtypes are names (checkpoint/dtypes.py) and the plans run on row ids.  Every
+input is checked before anything is written, and the output folder appears
+only when complete (checkpoint/staging.py).
 """
 from __future__ import annotations
 
@@ -18,9 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, List, Mapping, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence
 
 from checkpoint.copy_plan import OpenFiles, rank_specs
 from checkpoint.export_plan import plan_export, read_rank_files, supported
@@ -40,12 +40,16 @@ from checkpoint.megatron_io import (
     stage_layers_of,
     write_tracker,
 )
+from checkpoint.dtypes import to_torch
 from checkpoint.layout import LAYOUT_FILE, format_layout, iteration_dir, read_layout, write_layout
 from checkpoint.staging import check_save_dir, staged_dir, writing
-from mindspeed_mm.constants import HF_DTYPE_NAMES, dtype_name, torch_dtype
+from mindspeed_mm.constants import HF_DTYPE_NAMES, dtype_name
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models import load_model_config, spec_of
 from mindspeed_mm.models.parallel import stage_layer_counts
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9
 
@@ -86,7 +90,7 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
     spec.mapping.check_hf_keys(hf.keys(), cfg, source=load_dir, shapes=hf.shapes)
     check_save_dir(save_dir, overwrite, [load_dir])
     cfg.dtype = params_dtype or dtype_name(hf.dtypes.get("model.embed_tokens.weight"), cfg.dtype)
-    cast = torch_dtype(params_dtype) if params_dtype else None
+    cast = HF_DTYPE_NAMES[params_dtype] if params_dtype else None  # a dtype name
 
     pp = len(stage_layers)
     names = [spec.stage_names(cfg, stage_layers, p) for p in range(pp)]
@@ -95,7 +99,7 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
     summary = Summary(save_dir, parameters=sum(math.prod(s) for s in hf.shapes.values()))
     with staged_dir(save_dir) as tmp, _progress(sum(map(len, names)) * tp, progress) as tick, \
             OpenFiles() as files:
-        ours = _Tapped(spec.ours_view(hf, cfg), cast, tick)
+        ours = _Tapped(spec.ours_view(hf, cfg), None if streamed else to_torch(cast), tick)
 
         def write_rank(p: int, t: int) -> int:
             path = rank_file(tmp, "release", t, p, pp)
@@ -116,11 +120,11 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
                 summary.files.append(os.path.relpath(rank_file(tmp, "release", t, p, pp), tmp))
         release = iteration_dir(tmp, "release")
         with writing(os.path.join(release, LAYOUT_FILE)):  # read back by training, inference and the export
-            write_layout(release, tp, stage_layers)
+            write_layout(release, tp, stage_layers, sync=False)  # the staged folder's rename publishes it
         with writing(os.path.join(tmp, "latest_checkpointed_iteration.txt")):
-            write_tracker(tmp, "release")
+            write_tracker(tmp, "release", sync=False)
         with writing(os.path.join(tmp, "model.json")):
-            cfg.save(os.path.join(tmp, "model.json"))
+            cfg.save(os.path.join(tmp, "model.json"), sync=False)
         summary.files += [f"release/{LAYOUT_FILE}", "latest_checkpointed_iteration.txt", "model.json"]
     summary.seconds = time.time() - start
     return summary
@@ -158,42 +162,52 @@ def convert_mm_to_hf(load_dir: str, save_dir: str, hf_dir: str, iteration: Optio
     cfg = _checked_model_config(spec, load_dir, cfg, hf_dir)
     layout = find_layout(load_dir, iteration)
     check_save_dir(save_dir, overwrite, [load_dir, hf_dir])
-    states = {r: load_rank(layout.rank_file(*r)) for r in layout.ranks()}  # memory-mapped
+    paths = {r: layout.rank_file(*r) for r in layout.ranks()}
+    cast = HF_DTYPE_NAMES[params_dtype] if params_dtype else None  # a dtype name
     config_source = (os.path.join(load_dir, "model.json") if os.path.isfile(os.path.join(load_dir, "model.json"))
                      else os.path.join(hf_dir, "config.json"))
-    stage_layers = _recorded_stage_layers(layout, states, cfg, config_source)
-    full = spec.merged_view(states, cfg, stage_layers, config_source=config_source,
-                            rank_name=lambda t, p: layout.rank_file(t, p))
-    hf_state = spec.hf_view(full, cfg)
-    cast = torch_dtype(params_dtype) if params_dtype else None
+
+    def merged(states):
+        stage_layers = _recorded_stage_layers(layout, states, cfg, config_source)
+        return spec.merged_view(states, cfg, stage_layers, config_source=config_source,
+                                rank_name=lambda t, p: layout.rank_file(t, p))
+
+    # Byte copies from the rank files (read without torch) unless a dtype cast or ``adjust`` needs the values.
+    rank_files = read_rank_files(paths) if adjust is None else None
+    if rank_files is not None and cast is not None and \
+            {r.dtype for f in rank_files.values() for r in f.state.values() if hasattr(r, "dtype")} != {cast}:
+        rank_files = None
+    in_memory = []  # the hub-layout view over torch-loaded rank files, made on first use
+
+    def tensors():
+        if not in_memory:
+            states = {r: load_rank(p) for r, p in paths.items()}  # memory-mapped
+            in_memory.append(spec.hf_view(merged(states), cfg))
+        return in_memory[0]
+
     summary = Summary(save_dir)
 
     def get(name):
-        t = hf_state[name] if adjust is None else adjust(name, hf_state[name])
+        t = tensors()[name] if adjust is None else adjust(name, tensors()[name])
         summary.parameters += t.numel()
-        return t.to(cast) if cast is not None else t
+        return t.to(to_torch(cast)) if cast is not None else t
 
-    # Byte copies from the rank files unless a dtype cast needs the tensors in memory.
-    rank_files = None  # adjusted tensors are computed: no byte copies
-    same_dtype = cast is None or {t.dtype for s in states.values() for t in s.values()
-                                  if isinstance(t, torch.Tensor)} == {cast}
-    if adjust is None and same_dtype:
-        rank_files = read_rank_files({r: layout.rank_file(*r) for r in layout.ranks()})
-    with staged_dir(save_dir) as tmp, _progress(len(hf_state), progress) as tick:
-        pieces = plan_export(spec, cfg, full, rank_files, slow=get) if rank_files is not None else None
+    full = merged({r: f.state for r, f in rank_files.items()}) if rank_files is not None else None
+    names = list(spec.hf_view(full, cfg) if full is not None else tensors())
+    with staged_dir(save_dir) as tmp, _progress(len(names), progress) as tick:
+        pieces = plan_export(spec, cfg, full, rank_files, slow=get) if full is not None else None
         if pieces is not None and supported(pieces):
             summary.parameters = sum(math.prod(p.shape) for p in pieces.values())
             with OpenFiles() as sources:
-                files = write_hf_shards_streamed(tmp, list(hf_state), pieces, max_shard_bytes, sources,
-                                                 on_tensor=tick)
+                files = write_hf_shards_streamed(tmp, names, pieces, max_shard_bytes, sources, on_tensor=tick)
         else:
             summary.parameters = 0
-            files = write_hf_shards(tmp, list(hf_state), get, max_shard_bytes, on_tensor=tick)
+            files = write_hf_shards(tmp, names, get, max_shard_bytes, on_tensor=tick)
         summary.files = files + copy_hf_side_files(hf_dir, tmp)
         if params_dtype:
             with writing(os.path.join(tmp, "config.json")):
                 _set_config_dtype(os.path.join(tmp, "config.json"), raw_config, params_dtype)
-        summary.tensors = len(hf_state)
+        summary.tensors = len(names)
         summary.bytes_written = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
     summary.seconds = time.time() - start
     return summary

@@ -5,7 +5,8 @@ vocabulary padding) and every TP split except the row-parallel one only moves
 whole rows.  Running the table's own transforms and splits on tensors of row
 ids (1 + row number over the row's HF inputs; 0 = a padding row of zeros)
 therefore yields, for each rank tensor, which source rows it is made of.
-Consecutive rows are merged into one range and copied with
+Row ids are :class:`~mindspeed_mm.models.mapping.Rows` (numpy), so planning
+needs no torch.  Consecutive rows are merged into one range and copied with
 ``os.copy_file_range`` (as ``cp`` does), so tensor data never passes through
 Python; row-parallel pieces (a column range of every row) are read with one
 scattered ``preadv`` (the wanted columns into one reused buffer) and written
@@ -19,10 +20,11 @@ import os
 import threading
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
+import numpy as np
 
+from checkpoint.dtypes import ITEMSIZE
 from checkpoint.torch_zip import TensorSpec
-from mindspeed_mm.models.mapping import ROW
+from mindspeed_mm.models.mapping import ROW, Rows
 from mindspeed_mm.models.spec import ModelSpec
 
 # (source file or None for zeros, byte offset, byte count, None or (row bytes, column offset, column bytes)
@@ -42,13 +44,14 @@ def rank_specs(spec: ModelSpec, hf, cfg, names: Sequence[Tuple[str, str]], tp_si
         if len(dtypes) != 1:
             return None
         dtype = dtypes.pop()
-        shape = spec.shard_tensor(local, torch.empty(e.param.shape(cfg), device="meta"), cfg, tp_size, tp_rank).shape
-        runs = _runs(spec, hf, cfg, e, local, tp_size, tp_rank, torch.empty((), dtype=dtype).element_size())
-        specs[local] = TensorSpec(dtype, shape, _filler(runs, files, tick))
+        rows, runs = _runs(spec, hf, cfg, e, local, tp_size, tp_rank, ITEMSIZE[dtype])
+        specs[local] = TensorSpec(dtype, rows.shape, _filler(runs, files, tick))
     return specs
 
 
-def _runs(spec: ModelSpec, hf, cfg, e, local: str, tp_size: int, tp_rank: int, itemsize: int) -> List[Run]:
+def _runs(spec: ModelSpec, hf, cfg, e, local: str, tp_size: int, tp_rank: int,
+          itemsize: int) -> Tuple[Rows, List[Run]]:
+    """(this rank's tensor as row ids, its byte ranges)."""
     shapes = [hf.shapes[h] for h in e.hf]
     row_bytes = {math.prod(s[1:]) * itemsize for s in shapes}
     assert len(row_bytes) == 1, f"{e.ours}: HF inputs with different row sizes"
@@ -56,31 +59,32 @@ def _runs(spec: ModelSpec, hf, cfg, e, local: str, tp_size: int, tp_rank: int, i
     bases, ids, total = [], [], 0
     for s in shapes:
         bases.append(total)
-        ids.append(torch.arange(total + 1, total + 1 + s[0]))
+        ids.append(Rows.like(s, base=total))
         total += s[0]
-    rows = e.param.transform.to_ours(ids, cfg).reshape(-1)
+    full = e.param.transform.to_ours(ids, cfg)
+    piece = spec.shard_tensor(local, full, cfg, tp_size, tp_rank)
+    locations = [hf.location(h) for h in e.hf]
     if spec.mapping.split_kind(local) != ROW or tp_size == 1:
-        return _merge(spec.shard_tensor(local, rows, cfg, tp_size, tp_rank), bases, [hf.location(h) for h in e.hf],
-                      row_bytes)
+        return piece, _merge(piece.ids.reshape(-1), bases, locations, row_bytes)
     part = row_bytes // tp_size  # row parallel: this rank's column range of every row
-    return [(path, offset, count, (row_bytes, tp_rank * part, part))
-            for path, offset, count, _ in _merge(rows, bases, [hf.location(h) for h in e.hf], row_bytes)]
+    return piece, [(path, offset, count, (row_bytes, tp_rank * part, part))
+                   for path, offset, count, _ in _merge(full.ids.reshape(-1), bases, locations, row_bytes)]
 
 
-def _merge(rows: torch.Tensor, bases: List[int], locations: List[Tuple[str, int]], row_bytes: int) -> List[Run]:
-    """Byte ranges for ``rows`` (row ids), consecutive rows of one source merged into one range."""
-    if rows.numel() == 0:
+def _merge(rows: np.ndarray, bases: List[int], locations: List[Tuple[str, int]], row_bytes: int) -> List[Run]:
+    """Byte ranges for ``rows`` (1-D row ids), consecutive rows of one source merged into one range."""
+    if rows.size == 0:
         return []
-    source = torch.zeros_like(rows)  # which HF input each row comes from (at most three inputs)
+    source = np.zeros_like(rows)  # which HF input each row comes from (at most three inputs)
     for base in bases[1:]:
         source += rows - 1 >= base
     zero = rows == 0
-    follows = torch.zeros_like(zero)  # row i continues the range of row i-1
+    follows = np.zeros_like(zero)  # row i continues the range of row i-1
     follows[1:] = (zero[1:] & zero[:-1]) | (~zero[1:] & ~zero[:-1] & (rows[1:] == rows[:-1] + 1)
                                             & (source[1:] == source[:-1]))
-    starts = (~follows).nonzero().flatten().tolist()
+    starts = np.flatnonzero(~follows).tolist()
     runs: List[Run] = []
-    for start, end in zip(starts, starts[1:] + [rows.numel()]):
+    for start, end in zip(starts, starts[1:] + [rows.size]):
         row, j = int(rows[start]), int(source[start])
         if row == 0:
             runs.append((None, 0, (end - start) * row_bytes, None))

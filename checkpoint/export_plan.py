@@ -3,16 +3,17 @@
 The reverse of checkpoint/copy_plan.py.  A rank file is torch.save's stored
 (uncompressed) zip: its central directory and ``data.pkl`` give, for every
 tensor, its dtype, shape and the byte offset of its data, read here without
-loading a tensor (:class:`RankFile`).  Every HF tensor is then made of whole
-rows of TP pieces: the mapping table's own merge (``merge_tensor``) and
-``to_hf`` transforms are run on tensors of row ids, and consecutive rows are
-copied as one range with ``os.copy_file_range`` at the tensor's offset in
-the safetensors file.  Row-parallel pieces (TP > 1: each row is the
-concatenation of every rank's row) are read and interleaved in one numpy
-copy.  A tensor the row-id trick cannot describe (the patch embedding's
-reshape, a non-contiguous record) is built in memory as the slow path builds
-it, and only that tensor.  The safetensors files are laid out exactly as
-``safetensors.torch.save_file`` lays them out (header order, padding), so
+loading a tensor and without torch (:class:`RankFile`).  Every HF tensor is
+then made of whole rows of TP pieces: the mapping table's own merge
+(``merge_tensor``) and ``to_hf`` transforms are run on row ids
+(:class:`~mindspeed_mm.models.mapping.Rows`), and consecutive rows are copied
+as one range with ``os.copy_file_range`` at the tensor's offset in the
+safetensors file.  Row-parallel pieces (TP > 1: each row is the
+concatenation of every rank's row) are read into their column slots.  A
+tensor the row ids cannot describe (a non-contiguous record of a
+torch.save'd training checkpoint) is built in memory as the in-memory path
+builds it, and only that tensor.  The safetensors files are laid out exactly
+as ``safetensors.torch.save_file`` lays them out (header order, padding), so
 both paths write the same bytes (tests/test_convert_fast_paths.py).
 """
 from __future__ import annotations
@@ -25,36 +26,31 @@ import pickle
 import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from checkpoint.copy_plan import _IOV_MAX, OpenFiles, _buffer, _merge, _preadv_rest
-from mindspeed_mm.models.mapping import ROW
+from checkpoint.dtypes import FROM_STORAGE, ITEMSIZE, SAFETENSORS, SAFETENSORS_ORDER, name_of
+from mindspeed_mm.models.mapping import ROW, Rows
 from mindspeed_mm.models.sharding import merge_tensor
 
-# safetensors' dtype names and the order its writer sorts by (descending), as in its Rust Dtype enum.
-ST_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
-            torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
-            torch.int64: "I64"}
-_ST_ORDER = ["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]
-_STORAGE_DTYPES = {"BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16, "FloatStorage": torch.float32,
-                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
+if TYPE_CHECKING:
+    import torch
+
 _ZEROS = bytes(1 << 22)
 
 
 # ---- rank files, read without loading tensors ----------------------------------------------
 
 class Record:
-    """Where one contiguous tensor of a rank file lies: (path, byte offset), dtype, shape."""
+    """One tensor of a rank file: dtype name, shape, and where its bytes lie (path, byte offset; offset None
+    when they are not one contiguous range)."""
     __slots__ = ("path", "offset", "dtype", "shape", "nbytes")
 
     def __init__(self, path, offset, dtype, shape):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, tuple(shape)
-        self.nbytes = math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = math.prod(self.shape) * ITEMSIZE[dtype]
 
 
 class _Storage:
@@ -83,8 +79,8 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor_v2
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and name in FROM_STORAGE:
+            return _StorageType(FROM_STORAGE[name])
         return super().find_class(module, name)
 
     def persistent_load(self, pid):
@@ -94,7 +90,8 @@ class _Unpickler(pickle.Unpickler):
 
 
 class RankFile:
-    """The tensors of one rank file's ``model`` entry as :class:`Record`s (contiguous ones only)."""
+    """One rank file's ``model`` entry: ``state`` (name -> :class:`Record` for every tensor, other values
+    as stored) and ``records`` (the tensors whose bytes are one range: what the plan copies)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -122,20 +119,24 @@ class RankFile:
         if data is None:
             raise ValueError("no data.pkl")
         obj = _Unpickler(io.BytesIO(data)).load()
+        self.state: Dict[str, object] = {}
         self.records: Dict[str, Record] = {}
         for name, t in obj["model"].items():
-            if not isinstance(t, _Rebuilt) or t.storage.key not in offsets:
+            if not isinstance(t, _Rebuilt):
+                self.state[name] = t
                 continue
-            itemsize = torch.empty((), dtype=t.storage.dtype).element_size()
+            itemsize = ITEMSIZE[t.storage.dtype]
+            rec = self.state[name] = Record(path, None, t.storage.dtype, t.size)
             want, step = [], 1
             for d in reversed(t.size):
                 want.append(step)
                 step *= d
-            if any(d != 1 and s != w for d, s, w in zip(t.size, t.stride, reversed(want))):
-                continue  # not contiguous: the slow path handles it
+            if t.storage.key not in offsets or \
+                    any(d != 1 and s != w for d, s, w in zip(t.size, t.stride, reversed(want))):
+                continue  # not contiguous: built in memory
             begin, size = offsets[t.storage.key]
-            rec = Record(path, begin + t.storage_offset * itemsize, t.storage.dtype, t.size)
             if t.storage_offset * itemsize + rec.nbytes <= size:
+                rec.offset = begin + t.storage_offset * itemsize
                 self.records[name] = rec
 
 
@@ -150,12 +151,13 @@ def read_rank_files(paths: Dict[Tuple[int, int], str]) -> Optional[Dict[Tuple[in
 
 class Piece:
     """One HF tensor's bytes: ``runs`` (copy_plan Runs, appended in order), ``interleave`` (row-parallel
-    pieces joined row by row, then ``rows`` taken), or ``tensor`` (built in memory by the slow path)."""
+    pieces joined row by row, then ``rows`` taken), or ``tensor`` (built in memory by the slow path).
+    ``dtype`` is a name (a torch dtype is taken as its name)."""
 
     def __init__(self, dtype, shape, runs=None, interleave=None, rows=None, tensor=None):
-        self.dtype, self.shape = dtype, tuple(shape)
+        self.dtype, self.shape = name_of(dtype), tuple(shape)
         self.runs, self.interleave, self.rows, self.tensor = runs, interleave, rows, tensor
-        self.nbytes = math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def plan_export(spec, cfg, merged, rank_files: Dict[Tuple[int, int], RankFile],
@@ -184,41 +186,36 @@ def _entry_pieces(spec, cfg, merged, rank_files, e, hf_shapes) -> Optional[Dict[
     if any(r is None for r in recs) or len({r.dtype for r in recs}) != 1 or any(len(r.shape) == 0 for r in recs):
         return None
     dtype = recs[0].dtype
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    row_bytes = [math.prod(r.shape[1:]) * itemsize for r in recs]
-    kind = spec.mapping.split_kind(local)
+    itemsize = ITEMSIZE[dtype]
+    interleaved = spec.mapping.split_kind(local) == ROW and tp > 1
     try:
-        if kind == ROW and tp > 1:
-            if len({r.shape[0] for r in recs}) != 1:
+        if interleaved:  # every row is the rank pieces' rows side by side: follow whole merged rows
+            if len({r.shape[0] for r in recs}) != 1 or len({len(r.shape) for r in recs}) != 1:
                 return None
-            ids = torch.arange(1, recs[0].shape[0] + 1).reshape(-1, 1)
-            outs = e.param.transform.to_hf(ids, cfg)
-            full_row = sum(row_bytes)
+            full = Rows.like((recs[0].shape[0], sum(r.shape[1] for r in recs)) + recs[0].shape[2:])
+            bases = None
         else:
-            if len(set(row_bytes)) != 1:
-                return None
             bases, ids, total = [], [], 0
             for r in recs:
                 bases.append(total)
-                ids.append(torch.arange(total + 1, total + 1 + r.shape[0]).reshape(-1, 1))
+                ids.append(Rows.like(r.shape, base=total))
                 total += r.shape[0]
             full = merge_tensor(spec.mapping, local, ids, cfg)
-            outs = e.param.transform.to_hf(full, cfg)
-            full_row = row_bytes[0]
-    except (RuntimeError, ValueError):  # a reshape the row ids cannot follow (the patch embedding)
+        outs = e.param.transform.to_hf(full, cfg)
+    except ValueError:  # a reshape or cut the row ids cannot follow
         return None
+    row_bytes = math.prod(full.row) * itemsize
     result = {}
     for h, rows in zip(e.hf, outs):
-        shape = hf_shapes[h]
-        if rows.dim() != 2 or rows.shape[1] != 1 or not shape or rows.shape[0] != shape[0] or \
-                full_row != math.prod(shape[1:]) * itemsize:
+        if not rows.whole or rows.shape != hf_shapes[h] or math.prod(rows.row) * itemsize != row_bytes:
             return None
-        rows = rows.reshape(-1)
-        if kind == ROW and tp > 1:
-            identity = bool(torch.equal(rows, torch.arange(1, rows.numel() + 1)))
-            result[h] = Piece(dtype, shape, interleave=recs, rows=None if identity else (rows - 1).numpy())
+        ids = rows.ids.reshape(-1)
+        if interleaved:
+            identity = bool(np.array_equal(ids, np.arange(1, ids.size + 1)))
+            result[h] = Piece(dtype, rows.shape, interleave=recs, rows=None if identity else ids - 1)
         else:
-            result[h] = Piece(dtype, shape, runs=_merge(rows, bases, [(r.path, r.offset) for r in recs], full_row))
+            result[h] = Piece(dtype, rows.shape, runs=_merge(ids, bases, [(r.path, r.offset) for r in recs],
+                                                             row_bytes))
     return result
 
 
@@ -227,13 +224,13 @@ def _entry_pieces(spec, cfg, merged, rank_files, e, hf_shapes) -> Optional[Dict[
 def safetensors_header(pieces: Dict[str, Piece], metadata: Optional[dict] = None) -> Tuple[bytes, Dict[str, int]]:
     """The header safetensors' writer produces for these tensors (dtype descending, then name; padded to 8
     bytes with spaces) and each tensor's data offset from the start of the file."""
-    order = sorted(pieces, key=lambda n: (-_ST_ORDER.index(ST_NAMES[pieces[n].dtype]), n))
+    order = sorted(pieces, key=lambda n: (-SAFETENSORS_ORDER.index(SAFETENSORS[pieces[n].dtype]), n))
     head, offsets, at = {}, {}, 0
     if metadata is not None:
         head["__metadata__"] = metadata
     for n in order:
         p = pieces[n]
-        head[n] = {"dtype": ST_NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [at, at + p.nbytes]}
+        head[n] = {"dtype": SAFETENSORS[p.dtype], "shape": list(p.shape), "data_offsets": [at, at + p.nbytes]}
         offsets[n] = at
         at += p.nbytes
     text = json.dumps(head, separators=(",", ":")).encode()
@@ -243,7 +240,7 @@ def safetensors_header(pieces: Dict[str, Piece], metadata: Optional[dict] = None
 
 
 def supported(pieces: Dict[str, Piece]) -> bool:
-    return all(p.dtype in ST_NAMES for p in pieces.values())
+    return all(p.dtype in SAFETENSORS for p in pieces.values())
 
 
 def write_safetensors(path: str, pieces: Dict[str, Piece], files: OpenFiles, workers: int = 1,
@@ -276,6 +273,8 @@ def write_safetensors(path: str, pieces: Dict[str, Piece], files: OpenFiles, wor
 
 def _write_piece(fd: int, at: int, p: Piece, files: OpenFiles) -> None:
     if p.tensor is not None:
+        import torch  # the tensor was built in memory: torch is loaded
+
         _pwrite_all(fd, memoryview(p.tensor.reshape(-1).view(torch.uint8).numpy()), at)
     elif p.interleave is not None and p.rows is None:
         # each piece read straight into its column slots of a reused buffer (one scattered preadv per

@@ -10,12 +10,11 @@ import json
 import os
 import shutil
 import struct
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from checkpoint.dtypes import FROM_SAFETENSORS
 from checkpoint.staging import writing
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import atomic_path, load_json, write_json_atomic
@@ -23,11 +22,12 @@ from mindspeed_mm.models import spec_for_hf_config
 from mindspeed_mm.models.mapping import hub_key
 from mindspeed_mm.models.spec import ModelSpec
 
+if TYPE_CHECKING:
+    import torch
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
 
 
 def read_hf_config(hf_dir: str) -> Tuple[dict, ModelSpec, object]:
@@ -51,7 +51,7 @@ class HFCheckpoint(Mapping):
         self._where: Dict[str, Tuple[str, str]] = {}  # hub name -> (file, name in the file)
         self._offsets: Dict[str, int] = {}  # hub name -> offset of its bytes in the file
         self.shapes: Dict[str, Tuple[int, ...]] = {}
-        self.dtypes: Dict[str, torch.dtype] = {}
+        self.dtypes: Dict[str, str] = {}  # dtype names (checkpoint/dtypes.py)
         for file in self.files:
             path = os.path.join(hf_dir, file)
             for name, shape, dtype, offset in _scan_header(path):
@@ -97,8 +97,8 @@ class HFCheckpoint(Mapping):
         return len(self._where)
 
 
-def _scan_header(path: str) -> List[Tuple[str, Tuple[int, ...], torch.dtype, int]]:
-    """(name, shape, dtype, absolute data offset) of every tensor of a safetensors file, from its header."""
+def _scan_header(path: str) -> List[Tuple[str, Tuple[int, ...], str, int]]:
+    """(name, shape, dtype name, absolute data offset) of every tensor of a safetensors file, from its header."""
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -109,7 +109,7 @@ def _scan_header(path: str) -> List[Tuple[str, Tuple[int, ...], torch.dtype, int
                 continue
             begin, end = info["data_offsets"]
             data_end = max(data_end, int(end))
-            out.append((name, tuple(info["shape"]), _DTYPES.get(info["dtype"], info["dtype"]), 8 + size + begin))
+            out.append((name, tuple(info["shape"]), FROM_SAFETENSORS.get(info["dtype"], info["dtype"]), 8 + size + begin))
         actual = os.path.getsize(path)
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise UserError(f"{path}: cannot read the safetensors header ({exc.__class__.__name__}: "
@@ -124,13 +124,15 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
                     max_shard_bytes: int, on_tensor: Optional[Callable[[], None]] = None) -> List[str]:
     """Write ``get(name)`` for each name into ``model-XXXXX-of-YYYYY.safetensors`` files of at
     most ``max_shard_bytes`` (a bigger tensor gets a shard of its own) plus the index."""
+    from safetensors.torch import save_file
+
     weight_map, files, shard, shard_bytes, total = {}, [], {}, 0, 0
 
     def flush():
         nonlocal shard, shard_bytes
         if shard:
             file = f"shard-{len(files) + 1:05d}.tmp"  # named once the shard count is known
-            with writing(os.path.join(out_dir, file)), atomic_path(os.path.join(out_dir, file)) as tmp:
+            with writing(os.path.join(out_dir, file)), atomic_path(os.path.join(out_dir, file), sync=False) as tmp:
                 save_file(shard, tmp, metadata={"format": "pt"})
             files.append((file, list(shard)))
         shard, shard_bytes = {}, 0
@@ -154,7 +156,7 @@ def write_hf_shards(out_dir: str, names: Iterable[str], get: Callable[[str], tor
         final.append(name)
     with writing(os.path.join(out_dir, INDEX)):
         write_json_atomic(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map},
-                          indent=2)
+                          indent=2, sync=False)  # out_dir is a staged folder: its rename publishes it
     return final + [INDEX]
 
 
@@ -186,7 +188,7 @@ def write_hf_shards_streamed(out_dir: str, names: List[str], pieces: Mapping[str
     total = sum(pieces[n].nbytes for n in names)
     with writing(os.path.join(out_dir, INDEX)):
         write_json_atomic(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map},
-                          indent=2)
+                          indent=2, sync=False)  # out_dir is a staged folder: its rename publishes it
     return final + [INDEX]
 
 

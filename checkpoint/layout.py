@@ -50,15 +50,16 @@ def read_tracker(root: str):
 
 # Small files (tracker, layout.json) are replaced atomically by the project's one writer (jsonio);
 # folders (an iteration, a converted checkpoint) are swapped in by jsonio.replace_dir.
-def write_tracker(root: str, iteration) -> None:
-    write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+# ``sync=False`` inside a staged folder (a conversion's output): its rename publishes it, as cp does not fsync.
+def write_tracker(root: str, iteration, sync: bool = True) -> None:
+    write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n", sync)
 
 
-def write_layout(iter_dir: str, tp: int, stage_layers) -> None:
+def write_layout(iter_dir: str, tp: int, stage_layers, sync: bool = True) -> None:
     """Record TP and the LLM layers of each pipeline stage inside an (unpublished) iteration folder."""
     layout = {"tensor_model_parallel_size": int(tp), "pipeline_model_parallel_size": len(stage_layers),
               "pipeline_num_layers": [int(n) for n in stage_layers]}
-    write_text_atomic(os.path.join(iter_dir, LAYOUT_FILE), json.dumps(layout) + "\n")
+    write_text_atomic(os.path.join(iter_dir, LAYOUT_FILE), json.dumps(layout) + "\n", sync)
 
 
 def read_layout(iter_dir: str) -> dict:

@@ -17,15 +17,18 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
 
 from checkpoint.layout import iteration_dir, read_layout
 from checkpoint.megatron_io import find_layout, load_rank
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.jsonio import atomic_path, load_json, write_json_atomic
-from mindspeed_mm.models import lora, spec_of
+from mindspeed_mm.models import spec_of
+
+if TYPE_CHECKING:  # models/lora.py imports torch: loaded only for a LoRA save (the export of a full one skips it)
+    import torch
+
+    from mindspeed_mm.models import lora
 
 LORA_FILE = "lora.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -46,7 +49,7 @@ PEFT_TARGET_NAMES = {
 @dataclass(frozen=True)
 class LoRARecord:
     """What SAVE/lora.json says: the adapters' settings and the base checkpoint they sit on."""
-    settings: lora.LoRASettings
+    settings: "lora.LoRASettings"
     base: str
     base_iteration: object  # "release" or an int
 
@@ -63,6 +66,8 @@ def read_lora_record(load_dir: str) -> Optional[LoRARecord]:
     path = os.path.join(load_dir, LORA_FILE)
     if not os.path.isfile(path):
         return None
+    from mindspeed_mm.models import lora
+
     data = load_json(path)
     try:
         settings = lora.LoRASettings.from_dict(data["lora"])
@@ -78,6 +83,8 @@ def read_lora_record(load_dir: str) -> Optional[LoRARecord]:
 
 def read_adapters(load_dir: str, cfg, iteration=None) -> Tuple[LoRARecord, Dict[str, torch.Tensor]]:
     """(record, the full adapter state in our names) of a LoRA checkpoint, from any TP x PP layout."""
+    from mindspeed_mm.models import lora
+
     record = read_lora_record(load_dir)
     if record is None:
         raise UserError(f"--load-dir {load_dir}: no {LORA_FILE}: not a LoRA checkpoint")
@@ -144,6 +151,7 @@ def export_lora(load_dir: str, save_dir: str, hf_dir: str, iteration=None, merge
     from checkpoint.hf_io import read_hf_config
     from checkpoint.staging import check_save_dir, staged_dir
     from mindspeed_mm.constants import torch_dtype
+    from mindspeed_mm.models import lora
 
     start = time.time()
     _, spec, cfg = read_hf_config(hf_dir)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from checkpoint import torch_zip
 from checkpoint.torch_zip import TensorSpec
 from mindspeed_mm.errors import UserError
 from checkpoint.layout import (CHECKPOINT_VERSION, MODEL_FILE, TRACKER, iteration_dir, rank_dir,  # noqa: F401
                                read_tracker, write_tracker)
+
+if TYPE_CHECKING:
+    import torch
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
@@ -38,6 +39,8 @@ def save_rank(path: str, model_state: Dict[str, torch.Tensor], iteration=0) -> i
 
 
 def _tensor_spec(t: torch.Tensor) -> TensorSpec:
+    import torch  # the caller holds tensors: torch is loaded
+
     t = t.detach().contiguous()
 
     def fill(f, nbytes: int) -> None:
@@ -103,6 +106,8 @@ def load_rank(path: str, mmap: bool = True) -> Dict[str, torch.Tensor]:
     Training checkpoints also pickle plain ``args`` values, so this is a full
     (not weights-only) unpickle: load only checkpoints you trust, as with megatron.
     """
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:

@@ -6,7 +6,9 @@ This writer lays out the same zip archive torch writes (``data.pkl``, one
 stored, CRC 0 as torch writes with ``compute_crc32`` off) and lets a callback
 fill each record, e.g. with ``os.copy_file_range`` straight from a
 safetensors file.  ``torch.load`` (also with ``mmap=True``) reads it as it
-reads torch's own files.
+reads torch's own files.  torch itself is not imported: dtypes are names
+(checkpoint/dtypes.py) and the two torch globals the pickle refers to are
+written by name.
 """
 from __future__ import annotations
 
@@ -17,21 +19,18 @@ import pickle
 import struct
 from typing import BinaryIO, Callable, Dict, List, Sequence, Tuple
 
-import torch
+from checkpoint.dtypes import ITEMSIZE, STORAGE, name_of
 
 ALIGNMENT = 64
-_STORAGE_TYPES = {torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage", torch.float32: "FloatStorage",
-                  torch.float64: "DoubleStorage", torch.int64: "LongStorage", torch.int32: "IntStorage",
-                  torch.uint8: "ByteStorage"}
 
 
 class TensorSpec:
-    """A tensor to be written: dtype and shape now, bytes later (``fill(file, nbytes)``)."""
+    """A tensor to be written: dtype (a name or a torch dtype) and shape now, bytes later (``fill(file, nbytes)``)."""
 
-    def __init__(self, dtype: torch.dtype, shape: Sequence[int], fill: Callable[[BinaryIO, int], None]):
-        self.dtype, self.shape, self.fill = dtype, tuple(int(d) for d in shape), fill
+    def __init__(self, dtype, shape: Sequence[int], fill: Callable[[BinaryIO, int], None]):
+        self.dtype, self.shape, self.fill = name_of(dtype), tuple(int(d) for d in shape), fill
         self.numel = math.prod(self.shape)
-        self.nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = self.numel * ITEMSIZE[self.dtype]
         self.key = None  # record name, set when pickled
 
 
@@ -52,14 +51,42 @@ class _Tensor:
         for d in reversed(shape):
             stride.append(step)
             step *= d
-        return (torch._utils._rebuild_tensor_v2,
+        return (_global("torch._utils", "_rebuild_tensor_v2"),
                 (self.storage, 0, shape, tuple(reversed(stride)), False, collections.OrderedDict()))
 
 
-class _Pickler(pickle.Pickler):
+class _Global:
+    """A module-level name of torch, pickled as a reference (what pickle writes for torch's own object)."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle asks a reduce function to be callable; this one is only written
+        raise TypeError(f"{self.module}.{self.name} is a reference for pickling, not the function")
+
+
+_GLOBALS: Dict[Tuple[str, str], _Global] = {}
+
+
+def _global(module: str, name: str) -> _Global:
+    return _GLOBALS.setdefault((module, name), _Global(module, name))
+
+
+class _Pickler(pickle._Pickler):
+    """The Python pickler (its dispatch table can be extended, the C one's cannot), protocol 2 as torch.save."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
     def __init__(self, file, specs: List[TensorSpec]):
         super().__init__(file, protocol=2)
         self.specs = specs
+
+    def _save_global_name(self, obj: _Global) -> None:
+        # pickle's own save_global would import the module to check the object is the one it names
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+    dispatch[_Global] = _save_global_name
 
     def persistent_id(self, obj):
         if not isinstance(obj, _Storage):
@@ -67,7 +94,7 @@ class _Pickler(pickle.Pickler):
         spec = obj.spec
         spec.key = str(len(self.specs))
         self.specs.append(spec)
-        return ("storage", getattr(torch, _STORAGE_TYPES[spec.dtype]), spec.key, "cpu", spec.numel)
+        return ("storage", _global("torch", STORAGE[spec.dtype]), spec.key, "cpu", spec.numel)
 
 
 def write(path: str, obj, tensors: Dict[str, TensorSpec], model_key: str = "model") -> int:

@@ -73,22 +73,25 @@ def apply_umask_mode(fd_or_path, mode: int = 0o666) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ".tmp"):
+def atomic_path(path: str, suffix: str = ".tmp", sync: bool = True):
     """The one atomic writer: yield a temporary path beside ``path`` for the caller (or a library such as
-    safetensors) to write a file at; on a clean exit the file is fsynced, given the mode a plain open()
-    gives (``0o666 & ~umask``; mkstemp makes 0600) and renamed onto ``path``: readers see the old file or
-    the new one, never half.  On an exception the temporary file is removed and ``path`` is untouched."""
+    safetensors) to write a file at; on a clean exit the file is fsynced (unless ``sync`` is False: a file
+    inside a folder that is itself published by a rename, where an fsync only waits for the disk), given
+    the mode a plain open() gives (``0o666 & ~umask``; mkstemp makes 0600) and renamed onto ``path``:
+    readers see the old file or the new one, never half.  On an exception the temporary file is removed
+    and ``path`` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         apply_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -98,15 +101,15 @@ def atomic_path(path: str, suffix: str = ".tmp"):
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w", encoding: str = "utf-8", suffix: str = ".tmp"):
+def atomic_open(path: str, mode: str = "w", encoding: str = "utf-8", suffix: str = ".tmp", sync: bool = True):
     """:func:`atomic_path` as an open file."""
-    with atomic_path(path, suffix) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+    with atomic_path(path, suffix, sync) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
         yield f
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Replace a (small) text file atomically."""
-    with atomic_open(path, "w", suffix=os.path.splitext(path)[1] or ".tmp") as f:
+def write_text_atomic(path: str, text: str, sync: bool = True) -> None:
+    """Replace a (small) text file atomically (``sync``: see :func:`atomic_path`)."""
+    with atomic_open(path, "w", suffix=os.path.splitext(path)[1] or ".tmp", sync=sync) as f:
         f.write(text)
 
 
@@ -121,6 +124,6 @@ def replace_dir(tmp: str, final: str) -> None:
         os.replace(tmp, final)
 
 
-def write_json_atomic(path: str, data, indent=None) -> None:
+def write_json_atomic(path: str, data, indent=None, sync: bool = True) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n", sync)

@@ -120,8 +120,8 @@ class Qwen2VLConfig:
             return cls.from_hf(data, source=path)  # an HF config.json given by mistake is fine
         return cls.from_dict(data, source=path, text=text)
 
-    def save(self, path: str) -> None:
-        write_json_atomic(path, self.to_dict(), indent=2)
+    def save(self, path: str, sync: bool = True) -> None:
+        write_json_atomic(path, self.to_dict(), indent=2, sync=sync)
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "Qwen2VLConfig":
