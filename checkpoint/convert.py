@@ -51,7 +51,9 @@ from mindspeed_mm.models.parallel import stage_layer_counts
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9
+# Shards of the HF export: 2 GB, so that even a 2B model is several files, copied side by side (one
+# file is written by one thread at a time: two threads in one file contend for it).
+DEFAULT_MAX_SHARD_BYTES = 2 * 10 ** 9
 
 
 @dataclass

@@ -25,7 +25,6 @@ import os
 import pickle
 import struct
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -243,27 +242,18 @@ def supported(pieces: Dict[str, Piece]) -> bool:
     return all(p.dtype in SAFETENSORS for p in pieces.values())
 
 
-def write_safetensors(path: str, pieces: Dict[str, Piece], files: OpenFiles, workers: int = 1,
+def write_safetensors(path: str, pieces: Dict[str, Piece], files: OpenFiles,
                       on_tensor: Optional[Callable[[], None]] = None) -> int:
-    """Write one safetensors file from its pieces (each at its offset, ``workers`` tensors at a time)."""
+    """Write one safetensors file from its pieces, each at its offset, in file order."""
     header, offsets = safetensors_header(pieces, {"format": "pt"})
     size = len(header) + sum(p.nbytes for p in pieces.values())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         _pwrite_all(fd, header, 0)
-
-        def one(name):
+        for name in sorted(pieces, key=lambda n: offsets[n]):
             _write_piece(fd, offsets[name], pieces[name], files)
             if on_tensor:
                 on_tensor()
-
-        names = sorted(pieces, key=lambda n: offsets[n])
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(one, names))
-        else:
-            for n in names:
-                one(n)
         if os.fstat(fd).st_size != size:
             raise RuntimeError(f"{path}: wrote {os.fstat(fd).st_size} bytes, expected {size}")
     finally:

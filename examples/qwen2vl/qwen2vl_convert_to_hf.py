@@ -33,7 +33,8 @@ def parse_args(argv=None):
                     help="export iter_N instead of the one latest_checkpointed_iteration.txt names")
     ap.add_argument("--params-dtype", choices=DTYPES, default=None,
                     help="default: keep the checkpoint's dtype")
-    ap.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
+    ap.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
+                    help="safetensors shards of at most this size (default 2), written side by side")
     ap.add_argument("--merge-lora", action="store_true",
                     help="a LoRA save: write the full model with the adapters merged, not a PEFT adapter folder")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
