@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence
 
-from checkpoint.copy_plan import OpenFiles, rank_specs
+from checkpoint.copy_plan import OpenFiles, copy_threads, rank_specs
 from checkpoint.export_plan import plan_export, read_rank_files, supported
 from checkpoint.hf_io import (
     HFCheckpoint,
@@ -114,7 +114,7 @@ def convert_hf_to_mm(load_dir: str, save_dir: str, tensor_parallel_size: int = 1
 
         ranks = [(p, t) for p in range(pp) for t in range(tp)]
         # Byte copies run in the kernel without the GIL: one rank file per core, as cp cannot.
-        workers = min(len(ranks), os.cpu_count() or 1) if streamed else 1
+        workers = copy_threads(len(ranks)) if streamed else 1
         with ThreadPoolExecutor(workers) as pool:
             for (p, t), written in zip(ranks, pool.map(lambda r: write_rank(*r), ranks)):
                 summary.bytes_written += written

@@ -94,6 +94,17 @@ def _merge(rows: np.ndarray, bases: List[int], locations: List[Tuple[str, int]],
     return runs
 
 
+def copy_threads(files: int) -> int:
+    """Threads copying ``files`` output files side by side: one per file (two threads in one file contend
+    for it), at most one per usable core, and at most 4 (each holds a buffer as big as the largest
+    row-parallel piece it assembles; beyond a few, the disk is the limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(files, cores, 4))
+
+
 class OpenFiles:
     """Source files opened once per conversion (read-only file descriptors)."""
 

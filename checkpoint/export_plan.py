@@ -67,17 +67,32 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     return _Rebuilt(storage, storage_offset, size, stride)
 
 
+def _rebuild_from_type_v2(func, new_type, args, state):  # a tensor subclass: its plain tensor
+    return func(*args)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):  # a Parameter: its data
+    return data
+
+
 class _StorageType:
     def __init__(self, dtype):
         self.dtype = dtype
+
+
+# torch's rebuild functions as they describe a tensor (optimizer states pickle Parameters and subclasses).
+_REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+               ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+               ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+               ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter}
 
 
 class _Unpickler(pickle.Unpickler):
     """data.pkl with tensors as :class:`_Rebuilt` descriptions (storage key, offset, shape, stride)."""
 
     def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor_v2
+        if (module, name) in _REBUILDERS:
+            return _REBUILDERS[(module, name)]
         if module == "torch" and name in FROM_STORAGE:
             return _StorageType(FROM_STORAGE[name])
         return super().find_class(module, name)
@@ -118,6 +133,8 @@ class RankFile:
         if data is None:
             raise ValueError("no data.pkl")
         obj = _Unpickler(io.BytesIO(data)).load()
+        if any(k.startswith("model") and k[5:].isdigit() for k in obj):
+            raise ValueError("virtual-pipeline checkpoint")  # load_rank names it to the user
         self.state: Dict[str, object] = {}
         self.records: Dict[str, Record] = {}
         for name, t in obj["model"].items():

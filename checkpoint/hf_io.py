@@ -164,13 +164,14 @@ def write_hf_shards_streamed(out_dir: str, names: List[str], pieces: Mapping[str
                              sources, on_tensor: Optional[Callable[[], None]] = None) -> List[str]:
     """As :func:`write_hf_shards`, the same shards and bytes, each tensor copied from the rank files by its
     checkpoint/export_plan.py piece instead of built in memory."""
+    from checkpoint.copy_plan import copy_threads
     from checkpoint.export_plan import shard_groups, write_safetensors
 
     groups = shard_groups(names, lambda n: pieces[n].nbytes, max_shard_bytes)
     final = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     # One thread per file, files side by side: threads writing into the same file contend for it (measured
     # on ext4: one thread 1.6 GB/s, two 1.1 GB/s); two files at once export a 2B model in half the time.
-    workers = max(1, min(len(groups), os.cpu_count() or 1))
+    workers = copy_threads(len(groups))
 
     def write(i):
         path = os.path.join(out_dir, final[i])

@@ -84,6 +84,9 @@ def test_rank_files_written_by_torch_save(hf_dirs, tmp_path, monkeypatch):
             assert not saved["model"][odd].is_contiguous()
         saved["model"]["language_model.decoder.layers.0.self_attention.core_attention._extra_state"] = None
         saved["args_like"] = {"lr": 1e-5, "layout": [1, 2]}
+        # as megatron's non-distributed optimizer pickles its fp32 copies: Parameters (the rank file is still
+        # read without torch: the plan below runs)
+        saved["optimizer"] = {"fp32_from_fp16_params": [[torch.nn.Parameter(torch.randn(4))]]}
         torch.save(saved, path)
     records = RankFile(str(mm / "release" / "mp_rank_00_001" / "model_optim_rng.pt")).records
     assert odd not in records and records  # the non-contiguous one is left to the in-memory path
@@ -127,3 +130,18 @@ def test_byte_copy_commands_never_import_torch(hf_dirs, tmp_path):
     ours, theirs = _read_folder(out), _read_folder(src)
     assert sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_virtual_pipeline_rank_files_refused(hf_dirs, tmp_path):
+    """A rank file with model0/model1 entries is not read as byte ranges: the in-memory reader names it."""
+    from mindspeed_mm.errors import UserError
+
+    src, mm = hf_dirs[True], tmp_path / "mm"
+    convert_hf_to_mm(str(src), str(mm), tensor_parallel_size=1, pipeline_layer_index=[0], progress=False)
+    path = mm / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    saved = torch.load(path, weights_only=False)
+    saved["model0"] = saved["model"]
+    torch.save(saved, path)
+    with pytest.raises(UserError, match="virtual-pipeline"):
+        convert_mm_to_hf(str(mm), str(tmp_path / "out"), str(src), progress=False)
+    assert not (tmp_path / "out").exists()
