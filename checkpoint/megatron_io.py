@@ -106,11 +106,13 @@ def load_rank(path: str, mmap: bool = True) -> Dict[str, torch.Tensor]:
     Training checkpoints also pickle plain ``args`` values, so this is a full
     (not weights-only) unpickle: load only checkpoints you trust, as with megatron.
     """
+    import pickle
+
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # a damaged file
         raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a megatron checkpoint file (no 'model' entry)")

@@ -166,3 +166,35 @@ def test_files_follow_the_umask(src, mm, tmp_path):
             for f in files:
                 assert stat.S_IMODE(os.stat(os.path.join(folder, f)).st_mode) == 0o644, (folder, f)
     assert (save / "model.json").exists() and (out / "config.json").exists()
+
+
+def test_damaged_rank_files_exporting(src, mm, tmp_path):
+    """A rank file whose pickle is damaged, or that holds something other than a tensor for a parameter,
+    is one line naming it (both readers: the byte-range one gives way to torch.load's, which names it)."""
+    import zipfile
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(mm, damaged)
+    rank = damaged / "release" / "mp_rank_01_001" / "model_optim_rng.pt"
+    with zipfile.ZipFile(rank) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data.pkl"))
+    with open(rank, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        f.write(b"\xff" * 8)  # not a pickle opcode
+    save = tmp_path / "out"
+    _one_error(_run(TO_HF, "--load-dir", str(damaged), "--save-dir", str(save), "--hf-dir", str(src)),
+               str(rank), "cannot read")
+    _nothing_left(tmp_path, save)
+
+    odd = tmp_path / "odd"
+    shutil.copytree(mm, odd)
+    rank = odd / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
+    saved = torch.load(rank, weights_only=False)
+    name = next(k for k in saved["model"] if k.endswith("mlp.linear_fc2.weight"))
+    saved["model"][name] = None
+    torch.save(saved, rank)
+    _one_error(_run(TO_HF, "--load-dir", str(odd), "--save-dir", str(save), "--hf-dir", str(src)),
+               name, "not a tensor")
+    _nothing_left(tmp_path, save)

@@ -171,6 +171,8 @@ def _check_rank_shapes(table, state, names, cfg, tp_size, tp, pp, config_source,
     full = table.ours_shapes(cfg)
     for local, source in names:
         want = tuple(shard_tensor(table, local, Rows.like(full[source]), cfg, tp_size, tp).shape)
+        if not hasattr(state[local], "shape"):
+            raise UserError(f"{where}: {local} is {type(state[local]).__name__}, not a tensor")
         got = tuple(state[local].shape)
         if got != want:
             raise UserError(f"{where}: {local} has shape {list(got)} but {config_source} at TP {tp_size} asks "
