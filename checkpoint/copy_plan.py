@@ -56,11 +56,7 @@ def _runs(spec: ModelSpec, hf, cfg, e, local: str, tp_size: int, tp_rank: int,
     row_bytes = {math.prod(s[1:]) * itemsize for s in shapes}
     assert len(row_bytes) == 1, f"{e.ours}: HF inputs with different row sizes"
     row_bytes = row_bytes.pop()
-    bases, ids, total = [], [], 0
-    for s in shapes:
-        bases.append(total)
-        ids.append(Rows.like(s, base=total))
-        total += s[0]
+    bases, ids = row_ids(shapes)
     full = e.param.transform.to_ours(ids, cfg)
     piece = spec.shard_tensor(local, full, cfg, tp_size, tp_rank)
     locations = [hf.location(h) for h in e.hf]
@@ -69,6 +65,17 @@ def _runs(spec: ModelSpec, hf, cfg, e, local: str, tp_size: int, tp_rank: int,
     part = row_bytes // tp_size  # row parallel: this rank's column range of every row
     return piece, [(path, offset, count, (row_bytes, tp_rank * part, part))
                    for path, offset, count, _ in _merge(full.ids.reshape(-1), bases, locations, row_bytes)]
+
+
+def row_ids(shapes: Sequence[Sequence[int]]) -> Tuple[List[int], List[Rows]]:
+    """(bases, row ids) of source tensors numbered one after the other: tensor k's rows are
+    bases[k] + 1 .. bases[k] + shape[0] (what :func:`_merge` maps back to files)."""
+    bases, ids, total = [], [], 0
+    for s in shapes:
+        bases.append(total)
+        ids.append(Rows.like(s, base=total))
+        total += s[0]
+    return bases, ids
 
 
 def _merge(rows: np.ndarray, bases: List[int], locations: List[Tuple[str, int]], row_bytes: int) -> List[Run]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from checkpoint.copy_plan import _IOV_MAX, OpenFiles, _buffer, _merge, _preadv_rest
+from checkpoint.copy_plan import _IOV_MAX, OpenFiles, _buffer, _merge, _preadv_rest, row_ids
 from checkpoint.dtypes import FROM_STORAGE, ITEMSIZE, SAFETENSORS, SAFETENSORS_ORDER, name_of
 from mindspeed_mm.models.mapping import ROW, Rows
 from mindspeed_mm.models.sharding import merge_tensor
@@ -211,11 +211,7 @@ def _entry_pieces(spec, cfg, merged, rank_files, e, hf_shapes) -> Optional[Dict[
             full = Rows.like((recs[0].shape[0], sum(r.shape[1] for r in recs)) + recs[0].shape[2:])
             bases = None
         else:
-            bases, ids, total = [], [], 0
-            for r in recs:
-                bases.append(total)
-                ids.append(Rows.like(r.shape, base=total))
-                total += r.shape[0]
+            bases, ids = row_ids([r.shape for r in recs])
             full = merge_tensor(spec.mapping, local, ids, cfg)
         outs = e.param.transform.to_hf(full, cfg)
     except ValueError:  # a reshape or cut the row ids cannot follow
