@@ -15,8 +15,6 @@ def _steps(rank, world, folder):
     from mindspeed_mm.platform import setup_platform
 
     platform = setup_platform("cpu")
-    import argparse
-
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -27,18 +25,14 @@ def _steps(rank, world, folder):
     from mindspeed_mm.platform.distributed import destroy_distributed, init_distributed
     from mindspeed_mm.training.checkpointing import unwrap
     from mindspeed_mm.training.step import train_step
-    from scripts.bench_train import add_model_args, build_same_weights, make_batch, training_flags
+    from scripts.bench_train import training_flags
+    from tests.train_fixtures import small_pair
 
-    ap = argparse.ArgumentParser()
-    add_model_args(ap)
-    args = ap.parse_args(["--layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256", "--heads", "4",
-                          "--kv-heads", "2", "--vit-layers", "1", "--vit-hidden-size", "64", "--vit-heads", "2"])
     init_distributed(platform, 1, 1, seed=0)
     flags = lambda model_json: training_flags(model_json, 2, LR, extra=[  # noqa: E731
         "--lora-rank", str(RANK), "--lora-alpha", str(2 * RANK), "--load", "unused"])
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, batch = make_batch(tmp, 2, 56 * 56, 112 * 112)
-        hf, config, model, optimizer, scheduler = build_same_weights(tmp, tokenizer, args, flags)
+        batch, hf, config, model, optimizer, scheduler = small_pair(tmp, flags)
         base = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     stage = unwrap(model)
     specs = lora.adapter_specs(QWEN2VL.mapping, stage.cfg, lora.DEFAULT_TARGETS)

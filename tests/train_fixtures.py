@@ -27,6 +27,23 @@ def make_hf_model(path: str, seed: int = 0) -> str:
     return path
 
 
+def small_pair(folder: str, flags_of, vit_layers: int = 1, vit_heads: int = 2, samples: int = 2):
+    """(collated batch, HF model, config, DDP model, optimizer, scheduler): scripts/bench_train's random
+    Qwen2-VL at LLM 2 x 128, ViT ``vit_layers`` x 64, and our training stack from ``flags_of(model_json)``
+    with the same weights, on ``samples`` drawn conversations with images.  Call after init_distributed."""
+    import argparse
+
+    from scripts.bench_train import add_model_args, build_same_weights, make_batch
+
+    ap = argparse.ArgumentParser()
+    add_model_args(ap)
+    args = ap.parse_args(["--layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256", "--heads", "4",
+                          "--kv-heads", "2", "--vit-layers", str(vit_layers), "--vit-hidden-size", "64",
+                          "--vit-heads", str(vit_heads)])
+    tokenizer, batch = make_batch(folder, samples, 56 * 56, 112 * 112)
+    return (batch, *build_same_weights(folder, tokenizer, args, flags_of))
+
+
 def convert(hf_dir: str, save_dir: str, tp: int, stage_layers) -> str:
     from checkpoint.convert import convert_hf_to_mm
 

@@ -16,9 +16,11 @@ Three things differ from a plain GPTModel:
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.utils import get_pg_size
 
 from mindspeed_mm.constants import IGNORE_INDEX
 from mindspeed_mm.errors import UserError
@@ -105,6 +107,13 @@ class Qwen2LanguageModel(GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [b, s] (fp32); labels already shifted, -100 gives 0."""
         mask_padded_vocab(logits, self.real_vocab_size, self._tp_rank())
+        if get_pg_size(self.pg_collection.tp) == 1:
+            # The whole vocabulary is here: torch's cross-entropy (HF's), not the vocab-parallel one (its
+            # three all-reduces and a dozen ops per micro-batch are pure overhead at TP 1).
+            s, b, v = logits.shape
+            loss = F.cross_entropy(logits.float().reshape(s * b, v), labels.t().reshape(s * b), reduction="none",
+                                   ignore_index=IGNORE_INDEX)
+            return loss.view(s, b).t().contiguous()
         ignored = labels == IGNORE_INDEX
         loss = super().compute_language_model_loss(labels.masked_fill(ignored, 0), logits.float())
         return loss.masked_fill(ignored, 0.0)

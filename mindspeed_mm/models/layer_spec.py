@@ -1,12 +1,12 @@
 """The project's megatron-core transformer layer spec.
 
-megatron-core's own parallel linears, bias-dropout-add and MLP, with the
+megatron-core's parallel linears (plain F.linear where TP has nothing to do:
+models/linear.py), bias-dropout-add and MLP, with the
 platform's attention kernel and norm.  The LLM (RMSNorm, SwiGLU, causal) and
 the ViT (LayerNorm, quick_gelu, bidirectional within an image) share it: the
 differences live in their ``TransformerConfig`` and the mask type.
 """
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -15,6 +15,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from mindspeed_mm.models.linear import ColumnLinear, RowLinear
 from mindspeed_mm.platform.attention import CoreAttention
 from mindspeed_mm.platform.norm import Norm
 
@@ -28,9 +29,9 @@ def transformer_layer_spec(attn_mask_type: AttnMaskType = AttnMaskType.causal) -
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=ColumnLinear,
                     core_attention=CoreAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=RowLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
@@ -39,7 +40,7 @@ def transformer_layer_spec(attn_mask_type: AttnMaskType = AttnMaskType.causal) -
             pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(linear_fc1=ColumnLinear, linear_fc2=RowLinear),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

@@ -32,6 +32,13 @@ class Platform:
     def is_cpu(self) -> bool:
         return self.device_type == "cpu"
 
+    @property
+    def fused_torch_adam(self) -> bool:
+        """Whether megatron's fallback optimizer (torch's AdamW, without Transformer Engine / Apex) should
+        run torch's fused kernel: on the CPU, where torch's default is a per-tensor Python loop (~4 ms of
+        a 50 ms step of a tiny model; scripts/bench_launcher.py).  Accelerators get TE's / Apex's."""
+        return self.is_cpu
+
     def device(self, local_rank: int = 0) -> torch.device:
         if self.is_cpu:
             return torch.device("cpu")

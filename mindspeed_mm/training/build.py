@@ -1,6 +1,8 @@
 """This rank's model stage in megatron DDP, megatron's optimizer and learning-rate scheduler."""
 import dataclasses
 
+import torch
+
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.enums import ModelType
@@ -9,6 +11,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mindspeed_mm.constants import torch_dtype
 from mindspeed_mm.models import spec_of
+from mindspeed_mm.platform import current_platform
 from mindspeed_mm.training.adapters import attach as attach_adapters
 from mindspeed_mm.training.config import TrainingConfig
 
@@ -42,6 +45,8 @@ def build_optimizer(config: TrainingConfig, model):
         params_dtype=torch_dtype(o.precision), loss_scale=o.loss_scale,
         initial_loss_scale=o.initial_loss_scale, use_distributed_optimizer=config.parallel.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, [model])
+    if current_platform().fused_torch_adam:
+        _use_fused_kernel(optimizer)
     model.config.grad_scale_func = optimizer.scale_loss  # fp16 loss scaling inside the schedule
     # One scheduler step per iteration (Megatron-LM counts samples; same schedule).
     scheduler = OptimizerParamScheduler(
@@ -53,6 +58,15 @@ def build_optimizer(config: TrainingConfig, model):
         # one equals the flags' then.
         use_checkpoint_opt_param_scheduler=not s.override_opt_param_scheduler)
     return optimizer, scheduler
+
+
+def _use_fused_kernel(optimizer) -> None:
+    """torch's fused AdamW kernel for megatron's torch AdamW (same update, one call per parameter group)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):  # AdamW is one
+            for group in inner.param_groups:
+                group.update(foreach=False, fused=True)
 
 
 def precision_summary(model, optimizer) -> str:

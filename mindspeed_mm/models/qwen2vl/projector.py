@@ -5,9 +5,9 @@ Tensor parallel like a megatron MLP: fc1 column-parallel, fc2 row-parallel
 """
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
+from mindspeed_mm.models.linear import ColumnLinear, RowLinear
 from mindspeed_mm.models.qwen2vl.config import VisionConfig
 
 
@@ -19,9 +19,9 @@ class VisionProjector(MegatronModule):
         merged = vision.hidden_size * vision.spatial_merge_size ** 2
         self.merged = merged
         self.layernorm = torch.nn.LayerNorm(vision.hidden_size, eps=1e-6, dtype=config.params_dtype)
-        self.linear_fc1 = ColumnParallelLinear(merged, merged, config=config, init_method=config.init_method,
+        self.linear_fc1 = ColumnLinear(merged, merged, config=config, init_method=config.init_method,
                                                bias=True, gather_output=False)
-        self.linear_fc2 = RowParallelLinear(merged, vision.out_hidden_size, config=config,
+        self.linear_fc2 = RowLinear(merged, vision.out_hidden_size, config=config,
                                             init_method=config.output_layer_init_method, bias=True,
                                             input_is_parallel=True, skip_bias_add=False)
 
