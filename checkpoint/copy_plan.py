@@ -24,6 +24,7 @@ import numpy as np
 
 from checkpoint.dtypes import ITEMSIZE
 from checkpoint.torch_zip import TensorSpec
+from mindspeed_mm.host import usable_cores
 from mindspeed_mm.models.mapping import ROW, Rows
 from mindspeed_mm.models.spec import ModelSpec
 
@@ -105,11 +106,7 @@ def copy_threads(files: int) -> int:
     """Threads copying ``files`` output files side by side: one per file (two threads in one file contend
     for it), at most one per usable core, and at most 4 (each holds a buffer as big as the largest
     row-parallel piece it assembles; beyond a few, the disk is the limit)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(files, cores, 4))
+    return max(1, min(files, usable_cores(), 4))
 
 
 class OpenFiles:

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, as torch's DataLoader counts them)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
-        return max(1, os.cpu_count() or 1)
+from mindspeed_mm.host import usable_cores
 
 
 def spare_cores(local_processes: int = 1, computing_threads: int = 0) -> int:
