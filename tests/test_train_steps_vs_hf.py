@@ -37,7 +37,7 @@ def _steps(rank, world):
     adamw = torch.optim.AdamW(hf.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     hf_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                                       "image_grid_thw", "labels")}
-    before = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items() if isinstance(v, torch.Tensor)}
+    before = {k: v.detach().clone() for k, v in stage.state_dict().items() if isinstance(v, torch.Tensor)}
     ours, theirs = [], []
     for i in range(STEPS):
         ours.append(train_step(model, optimizer, scheduler, [batch], config, iteration=i + 1).loss)

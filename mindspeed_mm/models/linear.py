@@ -16,19 +16,19 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.utils import get_pg_size
 
 
-def _plain(layer) -> bool:
-    """True when megatron's forward would reduce to F.linear for this layer."""
-    c = layer.config
-    return (get_pg_size(layer.tp_group) == 1 and not layer.sequence_parallel and not layer.gradient_accumulation_fusion
-            and not layer.is_expert and not c.defer_embedding_wgrad_compute and not c.cpu_offloading)
-
-
-class ColumnLinear(ColumnParallelLinear):
-    """ColumnParallelLinear; a plain F.linear when :func:`_plain`."""
+class _PlainAtTP1:
+    """``plain``: True when megatron's forward would reduce to F.linear for this layer (decided once)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.plain = _plain(self)
+        c = self.config
+        self.plain = (get_pg_size(self.tp_group) == 1 and not self.sequence_parallel
+                      and not self.gradient_accumulation_fusion and not self.is_expert
+                      and not c.defer_embedding_wgrad_compute and not c.cpu_offloading)
+
+
+class ColumnLinear(_PlainAtTP1, ColumnParallelLinear):
+    """ColumnParallelLinear; a plain F.linear when ``plain``."""
 
     def forward(self, input_, weight=None, runtime_gather_output: Optional[bool] = None):
         w = self.weight if weight is None else weight
@@ -39,12 +39,8 @@ class ColumnLinear(ColumnParallelLinear):
         return F.linear(input_, w, self.bias), None
 
 
-class RowLinear(RowParallelLinear):
-    """RowParallelLinear; a plain F.linear when :func:`_plain`."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.plain = _plain(self)
+class RowLinear(_PlainAtTP1, RowParallelLinear):
+    """RowParallelLinear; a plain F.linear when ``plain``."""
 
     def forward(self, input_):
         if not self.plain:

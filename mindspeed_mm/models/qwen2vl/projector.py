@@ -20,10 +20,10 @@ class VisionProjector(MegatronModule):
         self.merged = merged
         self.layernorm = torch.nn.LayerNorm(vision.hidden_size, eps=1e-6, dtype=config.params_dtype)
         self.linear_fc1 = ColumnLinear(merged, merged, config=config, init_method=config.init_method,
-                                               bias=True, gather_output=False)
+                                       bias=True, gather_output=False)
         self.linear_fc2 = RowLinear(merged, vision.out_hidden_size, config=config,
-                                            init_method=config.output_layer_init_method, bias=True,
-                                            input_is_parallel=True, skip_bias_add=False)
+                                    init_method=config.output_layer_init_method, bias=True,
+                                    input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         # The processor emits the merge**2 patches of a window consecutively: a view groups them.
